@@ -1,0 +1,1 @@
+"""Vitrine common package."""
