@@ -1,0 +1,48 @@
+# Two commands: `make demo` and `make test`. Each creates the virtual environment when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VITRINE := $(VENV)/bin/vitrine
+STAMP := $(VENV)/.installed-stamp
+# One item of the shipped sample catalogue (an ankle boot) to show similar items for.
+DEMO_ITEM ?= fm-000000
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install demo test test-all bench quality milvus-stop clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VITRINE) embed
+	@echo; echo "== vitrine similar $(DEMO_ITEM) -k 5"
+	$(VITRINE) similar $(DEMO_ITEM) -k 5
+	@echo; echo "== vitrine similar $(DEMO_ITEM) -k 5 --filter 'price < 80 and in_stock == true'"
+	$(VITRINE) similar $(DEMO_ITEM) -k 5 --filter 'price < 80 and in_stock == true'
+	@echo; echo "== vitrine search \"black ankle boots\" -k 5"
+	$(VITRINE) search "black ankle boots" -k 5
+	@echo; echo "The embedded Milvus server keeps running for later queries; stop it with: make milvus-stop"
+
+test: install
+	$(PY) -m pytest -q
+
+# Everything, the slow and real-server tests included.
+test-all: install
+	$(PY) -m pytest -q -m "not gpu"
+
+bench: install
+	$(PY) benchmarks/embed_throughput.py
+
+quality: install
+	$(PY) benchmarks/image_quality.py
+
+milvus-stop:
+	$(VITRINE) milvus stop
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,67 @@
+"""The artifact store: versioned output folders under any fsspec URI, with a `latest` pointer moved last."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from common.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+
+LATEST = "LATEST"  # a small text file holding the name of the newest finished version
+
+
+@dataclass(frozen=True)
+class ArtifactStore:
+    """Artifacts live at ``<root>/<kind>/<name>/<version>/...``; ``<root>`` is a local path or a URI."""
+
+    root: str
+
+    def _fs(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        fs, path = url_to_fs(self.root)
+        return fs, path.rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        """The URI of a file or folder below the root (keeps the root's protocol)."""
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def new_version(self, kind: str, name: str) -> str:
+        """Create and return a fresh version id (UTC time, sortable) for ``kind/name``."""
+        fs, base = self._fs()
+        stamp = datetime.now(timezone.utc).strftime("v%Y%m%dT%H%M%S%fZ")
+        fs.makedirs(f"{base}/{kind}/{name}/{stamp}", exist_ok=True)
+        return stamp
+
+    def publish(self, kind: str, name: str, version: str, manifest: dict) -> None:
+        """Write the version's manifest, then point ``LATEST`` at it (readers never see half a version)."""
+        fs, base = self._fs()
+        with fs.open(f"{base}/{kind}/{name}/{version}/manifest.json", "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+        tmp = f"{base}/{kind}/{name}/{LATEST}.tmp"
+        with fs.open(tmp, "w") as f:
+            f.write(version)
+        fs.mv(tmp, f"{base}/{kind}/{name}/{LATEST}")
+        log.info("published %s/%s version %s", kind, name, version)
+
+    def latest(self, kind: str, name: str) -> str | None:
+        """The newest published version of ``kind/name``, or None when nothing was published."""
+        fs, base = self._fs()
+        pointer = f"{base}/{kind}/{name}/{LATEST}"
+        if not fs.exists(pointer):
+            return None
+        with fs.open(pointer, "r") as f:
+            return f.read().strip() or None
+
+    def manifest(self, kind: str, name: str, version: str | None = None) -> dict:
+        """The manifest of a version (default: latest); NotFoundError when there is none."""
+        version = version or self.latest(kind, name)
+        if version is None:
+            raise NotFoundError(f"no published {kind} for {name!r} under {self.root}")
+        fs, base = self._fs()
+        with fs.open(f"{base}/{kind}/{name}/{version}/manifest.json", "r") as f:
+            return json.load(f)

@@ -1,0 +1,160 @@
+"""The `vitrine` command line: parse, call the library or a job, print. One-line errors, non-zero exits."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from common.errors import VitrineError
+
+log = logging.getLogger("vitrine")
+
+SHOWN = ("item_id", "score", "category", "title", "brand", "color", "price", "in_stock")
+
+
+def _print_hits(hits, as_json: bool) -> None:
+    rows = [{"item_id": h.item_id, "score": round(float(h.score), 4),
+             **{k: h.fields.get(k) for k in SHOWN[2:] if k in h.fields}} for h in hits]
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False, default=str))
+        return
+    if not rows:
+        print("(no results)")
+        return
+    import pandas as pd
+
+    print(pd.DataFrame(rows).to_string(index=False, max_colwidth=40))
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--collection", default="items", help="catalogue name (default: items)")
+    p.add_argument("--store", help="vector store URI (default: $VITRINE_STORE_URI or var/milvus)")
+    p.add_argument("--filter", help="Milvus filter, e.g. 'category == \"Bag\" and price < 50'")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from common.config import default_store_uri, resolve_uri
+    from common.retrieval import similar_items
+    from common.vector_store import open_store
+
+    store = open_store(resolve_uri(args.store) if args.store else default_store_uri())
+    _print_hits(similar_items(store, args.collection, args.item_id, k=args.k, filter=args.filter,
+                              kind=args.space), args.json)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from common.artifacts import ArtifactStore
+    from common.config import default_artifacts_uri, default_store_uri, from_mapping, resolve_uri
+    from common.encoder import EncoderConfig, ItemEncoder
+    from common.retrieval import search_text
+    from common.vector_store import open_store
+
+    artifacts = ArtifactStore(resolve_uri(args.artifacts) if args.artifacts else default_artifacts_uri())
+    manifest = artifacts.manifest("embeddings", args.collection)
+    encoder = ItemEncoder(from_mapping(EncoderConfig, manifest["encoder"]))
+    store = open_store(resolve_uri(args.store) if args.store else default_store_uri())
+    _print_hits(search_text(store, encoder, args.collection, " ".join(args.query), k=args.k, filter=args.filter,
+                            kind=args.space), args.json)
+    return 0
+
+
+def cmd_milvus(args: argparse.Namespace) -> int:
+    from common import milvus_local
+    from common.config import default_store_uri, resolve_uri
+
+    data_dir = resolve_uri(args.store) if args.store else default_store_uri()
+    if args.action == "start":
+        info = milvus_local.ensure_server(data_dir)
+    elif args.action == "stop":
+        info = milvus_local.stop(data_dir)
+    else:
+        info = milvus_local.status(data_dir)
+    print(json.dumps(dataclasses.asdict(info) if dataclasses.is_dataclass(info) else info, default=str))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from common.sample_catalog import build_sample_catalog
+    from common.synthetic_events import generate_events, write_events, write_users
+
+    out = Path(args.out)
+    catalog = build_sample_catalog(out, per_class=args.per_class, seed=args.seed)
+    events, users = generate_events(catalog, n_users=args.users, seed=args.seed)
+    write_events(events, str(out / "events.parquet"))
+    write_users(users, str(out / "users.parquet"))
+    print(f"wrote {catalog.num_rows} items, {len(events)} events of {len(users)} users to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jobs import embed_catalog
+
+    parser = argparse.ArgumentParser(prog="vitrine", description="Multimodal product recommendations on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    embed = sub.add_parser("embed", help="embed a catalogue into the vector store (Ray Data job)")
+    embed_catalog.build_parser(embed)
+    embed.set_defaults(func=lambda a: _run_embed(a))
+
+    similar = sub.add_parser("similar", help="items similar to an item")
+    similar.add_argument("item_id")
+    similar.add_argument("--space", default="visual", choices=["visual", "fused", "image", "text"],
+                         help="which vectors to compare (default visual: image-only similarity)")
+    _store_args(similar)
+    similar.set_defaults(func=cmd_similar)
+
+    search = sub.add_parser("search", help="text search over the catalogue (text -> image and title)")
+    search.add_argument("query", nargs="+")
+    search.add_argument("--space", default="fused", choices=["fused", "image", "text"],
+                        help="which item vectors to match (default fused: image and text)")
+    search.add_argument("--artifacts", help="artifact store (to find the collection's encoder)")
+    _store_args(search)
+    search.set_defaults(func=cmd_search)
+
+    milvus = sub.add_parser("milvus", help="the embedded Milvus Lite server behind a store folder")
+    milvus.add_argument("action", choices=["start", "stop", "status"])
+    milvus.add_argument("--store", help="store folder (default: $VITRINE_STORE_URI or var/milvus)")
+    milvus.set_defaults(func=cmd_milvus)
+
+    sample = sub.add_parser("sample", help="rebuild the shipped sample catalogue and synthetic events")
+    sample.add_argument("--out", default="data/sample")
+    sample.add_argument("--per-class", type=int, default=200)
+    sample.add_argument("--users", type=int, default=500)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=cmd_sample)
+    return parser
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from jobs import embed_catalog
+
+    result = embed_catalog.run(embed_catalog.config_from_args(args))
+    print(result.summary())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except VitrineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
