@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 VITRINE := $(VENV)/bin/vitrine
 STAMP := $(VENV)/.installed-stamp
 # One item of the shipped sample catalogue (an ankle boot) to show similar items for.
-DEMO_ITEM ?= fm-000000
+DEMO_ITEM ?= fm-000299
 export RAY_AUTH_MODE ?= disabled
 
 .PHONY: install demo test test-all bench quality milvus-stop clean

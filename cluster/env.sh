@@ -7,4 +7,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_HEAD_IP="${RAY_HEAD_IP:-127.0.0.1}"
 export RAY_GCS_PORT="${RAY_GCS_PORT:-6379}"
 export RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
+# The job API needs the head's dashboard agent; a second Ray on the machine (an in-process `ray.init()`) holds
+# the agent's default port 52365, and then `ray job submit` answers "No available agent". Pick another here.
+export RAY_DASHBOARD_AGENT_PORT="${RAY_DASHBOARD_AGENT_PORT:-52365}"
 export RAY_ADDRESS_HTTP="http://${RAY_HEAD_IP}:${RAY_DASHBOARD_PORT}"

@@ -73,6 +73,7 @@ class EmbedResult:
     removed: int  # items removed from the store (left the catalogue or quarantined)
     quarantined: int
     seconds: float
+    steady_items_per_s: float  # pipeline rate after its first output batch (actor start-up and compilation excluded)
     embeddings_uri: str
     quarantine_uri: str | None
 
@@ -112,8 +113,8 @@ def _inspect(valid: pa.Table, identity: str, known: set[str], blocks: int):
 
 
 def _encode_and_write(cfg: EmbedConfig, todo: pa.Table, encoder: ItemEncoder, cache_uri: str, run_id: str,
-                      n_actors: int, gpus: float) -> tuple[int, list[tuple[str, str]]]:
-    """Run the encoding pipeline; returns (items written, [(item_id, error), ...])."""
+                      n_actors: int, gpus: float) -> tuple[int, list[tuple[str, str]], float]:
+    """Run the encoding pipeline; returns (items written, [(item_id, error), ...], steady items/s)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -130,15 +131,20 @@ def _encode_and_write(cfg: EmbedConfig, todo: pa.Table, encoder: ItemEncoder, ca
                        fn_kwargs={"store_uri": cfg.store_uri, "base": cfg.collection,
                                   "cache_uri": cache_uri, "run_id": run_id},
                        num_cpus=0.25))
-    written, errors = 0, []
+    written, errors, first = 0, [], None
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if first is None:
+            first = (time.perf_counter(), batch.num_rows)
         for item_id, err in zip(batch.column("item_id").to_pylist(), batch.column("error").to_pylist()):
             if err:
                 errors.append((item_id, err))
             else:
                 written += 1
         log.info("encoded %d/%d items", written + len(errors), todo.num_rows)
-    return written, errors
+    steady = 0.0
+    if first is not None and time.perf_counter() > first[0] and written + len(errors) > first[1]:
+        steady = (written + len(errors) - first[1]) / (time.perf_counter() - first[0])
+    return written, errors, steady
 
 
 def _refresh(store: VectorStore, base: str, rows: pa.Table, cache: EmbeddingCache) -> int:
@@ -217,10 +223,10 @@ def run(cfg: EmbedConfig) -> EmbedResult:
     errors = [(i, a[2]) for i, a in actions.items() if a[0] == "error"]
     todo = valid.filter(pa.array([actions[i][0] == "encode" for i in valid.column("item_id").to_pylist()]))
     reused = sum(1 for a in actions.values() if a[0] == "cached")
-    encoded = 0
+    encoded, steady = 0, 0.0
     if todo.num_rows:
         log.info("encoding %d items with %d encoder actor(s), %g GPU each", todo.num_rows, n_actors, gpus)
-        encoded, late_errors = _encode_and_write(cfg, todo, encoder, cache.uri, run_id, n_actors, gpus)
+        encoded, late_errors, steady = _encode_and_write(cfg, todo, encoder, cache.uri, run_id, n_actors, gpus)
         errors += late_errors
     bad = {i for i, _ in errors}
     if errors:
@@ -247,7 +253,8 @@ def run(cfg: EmbedConfig) -> EmbedResult:
     n_quarantined = sum(t.num_rows for t in quarantine)
     result = EmbedResult(collection=base, version=version, items=good.num_rows, encoded=encoded,
                          reused=reused, upserted=refreshed + encoded, removed=removed, quarantined=n_quarantined,
-                         seconds=time.perf_counter() - t0, embeddings_uri=embeddings_uri,
+                         seconds=time.perf_counter() - t0, steady_items_per_s=round(steady, 2),
+                         embeddings_uri=embeddings_uri,
                          quarantine_uri=quarantine_uri)
     artifacts.publish(KIND, base, version, {
         "result": dataclasses.asdict(result),

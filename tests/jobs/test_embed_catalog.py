@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.config import default_catalog
+from common.encoder import EncoderConfig
 from common.item_index import VECTOR_KINDS, collection_name
 from common.retrieval import similar_items
 from common.vector_store import open_store
@@ -47,8 +48,9 @@ def tiny(tmp_path_factory, ray_local, store_dir):
         {**good, "title": "a duplicate of the first item"},
     ])
     catalog = write(pd.concat([df, bad], ignore_index=True), tmp / "catalog.parquet")
-    cfg = EmbedConfig(catalog=catalog, collection="tiny", store_uri=store_dir,
-                      artifacts_uri=str(tmp / "artifacts"), batch_size=8)
+    # fp32: for 30 items compiling the bf16 forward costs more than it saves (the CLI tests run "auto").
+    cfg = EmbedConfig(catalog=catalog, collection="tiny", store_uri=store_dir, batch_size=8,
+                      artifacts_uri=str(tmp / "artifacts"), encoder=EncoderConfig(precision="fp32"))
     return {"df": df, "cfg": cfg, "tmp": tmp, "result": run(cfg)}
 
 
