@@ -168,15 +168,17 @@ def _refresh(store: VectorStore, base: str, rows: pa.Table, cache: EmbeddingCach
 
 
 def _prune(store: VectorStore, base: str, keep: set[str]) -> int:
-    stale = [r["item_id"] for page in store.scan(collection_name(base, "fused"), []) for r in page
-             if r["item_id"] not in keep]
+    """Delete items not in ``keep`` from every kind (a run that died mid-batch may have written some kinds
+    and not ``fused``); returns how many left the catalogue, as ``fused`` counts them."""
+    removed = 0
     for kind in VECTOR_KINDS:
-        # Also sweep the other kinds: a run that died mid-batch may have written them and not `fused`.
-        extra = [r["item_id"] for page in store.scan(collection_name(base, kind), []) for r in page
-                 if r["item_id"] not in keep]
-        if stale or extra:
-            store.delete(collection_name(base, kind), sorted(set(stale) | set(extra)))
-    return len(stale)
+        name = collection_name(base, kind)
+        stale = [r["item_id"] for page in store.scan(name, []) for r in page if r["item_id"] not in keep]
+        if stale:
+            store.delete(name, stale)
+        if kind == "fused":
+            removed = len(stale)
+    return removed
 
 
 def _write_parquet(table: pa.Table, uri: str) -> None:
