@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from common import milvus_local
+from common import milvus_local, milvus_standalone
 from common.vector_store import CollectionSpec, MilvusStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def run(uri: str | None, sizes: list[int], dim: int, index: str, queries: int, k
         server = None
         if standalone:
             t = time.perf_counter()
-            server = milvus_local.start_standalone(Path(tmp) / "standalone")
+            server = milvus_standalone.start_standalone(Path(tmp) / "standalone")
             report["standalone_start_s"] = round(time.perf_counter() - t, 2)
             uri = server.uri
         elif uri is None:

@@ -20,7 +20,6 @@ import contextlib
 import contextvars
 import json
 import logging
-import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -39,21 +38,26 @@ from common.errors import (
     StoreError,
     StoreUnavailableError,
 )
+from common.store_schema import (
+    MAX_ID_LENGTH,
+    PRIMARY_KEY,
+    VECTOR_FIELD,
+    check_ids,
+    combine_filter,
+    fields_from_schema,
+    normalised,
+    parse_store_uri,
+    prepare_row,
+    row_out,
+    search_params,
+)
 
 logger = logging.getLogger(__name__)
 
-PRIMARY_KEY = "item_id"
-VECTOR_FIELD = "vector"
-MAX_ID_LENGTH = 512  # bytes, the varchar length of item_id
 MAX_TOP_K = 16384  # Milvus' limit on k (and on a query's page)
 FIELD_TYPES = ("str", "float", "int", "bool", "json")
 INDEX_TYPES = ("AUTOINDEX", "FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8")
-VALID_URIS = (
-    "a local path (var/milvus, ./x.db), milvus-lite:///abs/path, milvus-lite://rel/path, "
-    "http://host:port, https://host:port or tcp://host:port"
-)
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
-_HOST_PORT_RE = re.compile(r"[\w.-]+:\d+")
 _PROP_MODEL, _PROP_DIM, _PROP_FIELDS, _PROP_INDEX = "vitrine.model", "vitrine.dim", "vitrine.fields", "vitrine.index"
 _INDEX_BUILD_PARAMS: dict[str, dict[str, int]] = {"HNSW": {"M": 16, "efConstruction": 200}, "IVF_FLAT": {"nlist": 128},
                                                   "IVF_SQ8": {"nlist": 128}}
@@ -120,36 +124,6 @@ class VectorStore(Protocol):
                exclude_ids: Sequence[str] = ()) -> list[list[Hit]]: ...
     def flush(self, name: str) -> None: ...
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class StoreTarget:
-    """Where a store URI points."""
-
-    kind: str  # "lite" (shared local Milvus Lite server) or "server"
-    location: str  # absolute data directory for "lite", the endpoint URI for "server"
-
-
-def parse_store_uri(uri: str) -> StoreTarget:
-    """Classify a store URI; ConfigError (naming the valid forms) for anything else."""
-    if not isinstance(uri, str) or not uri.strip():
-        raise ConfigError(f"vector store URI is empty; use {VALID_URIS}")
-    uri = uri.strip()
-    if "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        scheme = scheme.lower()
-        if scheme == "milvus-lite":
-            if not rest.strip("/"):
-                raise ConfigError(f"vector store URI {uri!r} names no data directory; use {VALID_URIS}")
-            return StoreTarget("lite", os.path.abspath(os.path.expanduser(rest)))
-        if scheme in ("http", "https", "tcp"):
-            if not rest.split("/", 1)[0]:
-                raise ConfigError(f"vector store URI {uri!r} names no host; use {VALID_URIS}")
-            return StoreTarget("server", uri)
-        raise ConfigError(f"unsupported vector store URI {uri!r}; use {VALID_URIS}")
-    if _HOST_PORT_RE.fullmatch(uri) and not Path(uri).exists():
-        raise ConfigError(f"vector store URI {uri!r} looks like host:port; write http://{uri} (valid: {VALID_URIS})")
-    return StoreTarget("lite", os.path.abspath(os.path.expanduser(uri)))
 
 
 def open_store(uri: str, *, connect_timeout: float = 5.0, call_timeout: float = 120.0,
@@ -305,7 +279,7 @@ class MilvusStore:
             )
         props = info.get("properties") or {}
         try:
-            fields = json.loads(props[_PROP_FIELDS]) if _PROP_FIELDS in props else _fields_from_schema(by_name)
+            fields = json.loads(props[_PROP_FIELDS]) if _PROP_FIELDS in props else fields_from_schema(by_name)
         except ValueError as e:
             raise CollectionMismatchError(f"collection {name!r} has an unreadable {_PROP_FIELDS} property") from e
         spec = CollectionSpec(
@@ -340,7 +314,7 @@ class MilvusStore:
         spec = self._spec(name)
         by_id: dict[str, dict[str, Any]] = {}
         for row in rows:
-            prepared = _prepare_row(spec, row)
+            prepared = prepare_row(spec, row)
             by_id[prepared[PRIMARY_KEY]] = prepared
         if not by_id:
             return 0
@@ -354,7 +328,7 @@ class MilvusStore:
     def delete(self, name: str, ids: list[str]) -> int:
         """Delete rows by id; returns how many of them existed."""
         self._spec(name)
-        wanted = list(dict.fromkeys(_check_ids(ids)))
+        wanted = list(dict.fromkeys(check_ids(ids)))
         existing = len(self._get_rows(name, wanted, [PRIMARY_KEY], consistency="Strong"))
         for start in range(0, len(wanted), _IDS_PER_REQUEST):  # all of them: a row may have landed meanwhile
             self._call("delete", name, "delete", name, ids=wanted[start:start + _IDS_PER_REQUEST])
@@ -366,7 +340,7 @@ class MilvusStore:
         asked, ``vector`` as a float32 array. Consistency is "Session", as for search."""
         spec = self._spec(name)
         fields = [PRIMARY_KEY, *spec.fields, *([VECTOR_FIELD] if with_vectors else [])]
-        wanted = list(dict.fromkeys(_check_ids(ids)))
+        wanted = list(dict.fromkeys(check_ids(ids)))
         self._before_read(name)
         found = {row[PRIMARY_KEY]: row for row in self._get_rows(name, wanted, fields, consistency="Session")}
         return [found[i] for i in wanted if i in found]
@@ -393,7 +367,7 @@ class MilvusStore:
                 batch = self._call("scan", name, iterator.next, timed=False)
                 if not batch:
                     return
-                yield [_row_out(row) for row in batch]
+                yield [row_out(row) for row in batch]
         finally:
             iterator.close()  # local bookkeeping only, no RPC
 
@@ -419,10 +393,10 @@ class MilvusStore:
         spec = self._spec(name)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_TOP_K:
             raise StoreError(f"k must be an integer in [1, {MAX_TOP_K}]. Got {k!r}")
-        queries = _normalised(np.asarray(vectors, dtype=np.float32), spec, what="query vectors")
+        queries = normalised(np.asarray(vectors, dtype=np.float32), spec, what="query vectors")
         if filter is not None and not isinstance(filter, str):
             raise FilterError(f"filter must be a string expression. Got {type(filter).__name__}")
-        expr = _combine(filter, _check_ids(list(exclude_ids)))
+        expr = combine_filter(filter, check_ids(list(exclude_ids)))
         if len(queries) == 0:
             return []
         self._before_read(name)
@@ -452,7 +426,7 @@ class MilvusStore:
 
     def _ann(self, name: str, spec: CollectionSpec, queries: np.ndarray, k: int, expr: str,
              user_filter: str | None, ef: int) -> list[list[Hit]]:
-        params: dict[str, Any] = {"metric_type": "IP", "params": _search_params(spec.index, k, ef)}
+        params: dict[str, Any] = {"metric_type": "IP", "params": search_params(spec.index, k, ef)}
         res = self._call("search", name, "search", name, data=list(queries), limit=k,
                          filter=expr, output_fields=list(spec.fields), search_params=params,
                          anns_field=VECTOR_FIELD, consistency_level="Session", user_filter=user_filter,
@@ -555,8 +529,8 @@ class MilvusStore:
         rows: list[dict[str, Any]] = []
         for start in range(0, len(ids), _IDS_PER_REQUEST):
             chunk = ids[start:start + _IDS_PER_REQUEST]
-            rows.extend(_row_out(r) for r in self._call("get", name, "get", name, chunk, output_fields=fields,
-                                                         consistency_level=consistency))
+            rows.extend(row_out(r) for r in self._call("get", name, "get", name, chunk, output_fields=fields,
+                                                        consistency_level=consistency))
         return rows
 
     @contextlib.contextmanager
@@ -619,101 +593,3 @@ class MilvusStore:
 
 def _reopen(uri: str, open_args: dict[str, float]) -> MilvusStore:
     return open_store(uri, **open_args)
-
-
-
-def _fields_from_schema(by_name: dict[str, dict[str, Any]]) -> dict[str, str]:
-    from pymilvus import DataType  # noqa: PLC0415
-
-    kinds = {DataType.VARCHAR: "str", DataType.DOUBLE: "float", DataType.FLOAT: "float", DataType.INT64: "int",
-             DataType.INT32: "int", DataType.INT16: "int", DataType.INT8: "int", DataType.BOOL: "bool",
-             DataType.JSON: "json"}
-    return {n: kinds.get(f["type"], "json") for n, f in by_name.items() if n not in (PRIMARY_KEY, VECTOR_FIELD)}
-
-
-def _check_ids(ids: Sequence[Any]) -> list[str]:
-    if isinstance(ids, (str, bytes)):
-        raise StoreError(f"ids must be a list of strings, not one string ({ids!r})")
-    bad = [i for i in ids if not isinstance(i, str) or not i]
-    if bad:
-        raise StoreError(f"ids must be non-empty strings; got {bad[:5]!r}")
-    return list(ids)
-
-
-def _normalised(vectors: np.ndarray, spec: CollectionSpec, *, what: str) -> np.ndarray:
-    if vectors.ndim == 1:
-        vectors = vectors[None, :]
-    if vectors.ndim != 2 or vectors.shape[1] != spec.dim:
-        raise StoreError(f"{what} have shape {list(vectors.shape)}; collection {spec.name!r} expects [n, {spec.dim}]")
-    if not np.isfinite(vectors).all():
-        raise StoreError(f"{what} contain NaN or infinite values")
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise StoreError(f"{what} contain an all-zero vector (row {int(np.flatnonzero(norms[:, 0] == 0)[0])})")
-    return vectors / norms
-
-
-def _prepare_row(spec: CollectionSpec, row: dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(row, dict):
-        raise StoreError(f"rows must be dicts; got {type(row).__name__}")
-    item_id = row.get(PRIMARY_KEY)
-    if not isinstance(item_id, str) or not item_id or len(item_id.encode()) > MAX_ID_LENGTH:
-        raise StoreError(f"row {PRIMARY_KEY} must be a non-empty string of at most {MAX_ID_LENGTH} bytes; "
-                         f"got {item_id!r}")
-    if VECTOR_FIELD not in row:
-        raise StoreError(f"row {item_id!r} has no {VECTOR_FIELD!r}")
-    vector = np.asarray(row[VECTOR_FIELD], dtype=np.float32)
-    if vector.ndim != 1 or vector.shape[0] != spec.dim:
-        raise StoreError(f"row {item_id!r}: vector has shape {list(vector.shape)}; collection {spec.name!r} "
-                         f"expects [{spec.dim}]")
-    out: dict[str, Any] = {PRIMARY_KEY: item_id,
-                           VECTOR_FIELD: _normalised(vector, spec, what=f"row {item_id!r}: vector")[0]}
-    extra = sorted(set(row) - {PRIMARY_KEY, VECTOR_FIELD} - set(spec.fields))
-    missing = sorted(set(spec.fields) - set(row))
-    if extra or missing:
-        raise StoreError(f"row {item_id!r} of {spec.name!r}: missing fields {missing}, unknown fields {extra}; "
-                         f"the collection's fields are {spec.fields}")
-    for fname, kind in spec.fields.items():
-        out[fname] = _scalar(row[fname], kind, item_id, fname)
-    return out
-
-
-def _scalar(value: Any, kind: str, item_id: str, fname: str) -> Any:
-    if isinstance(value, np.generic):
-        value = value.item()
-    ok = {
-        "str": isinstance(value, str),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "json": value is not None,
-    }[kind]
-    if not ok:
-        raise StoreError(f"row {item_id!r}: field {fname!r} must be {kind}; got {value!r}")
-    return float(value) if kind == "float" else value
-
-
-def _row_out(row: dict[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    if VECTOR_FIELD in out:
-        out[VECTOR_FIELD] = np.asarray(out[VECTOR_FIELD], dtype=np.float32)
-    return out
-
-
-def _combine(expr: str | None, exclude_ids: list[str]) -> str:
-    expr = (expr or "").strip()
-    if not exclude_ids:
-        return expr  # as written, so Milvus' column numbers in errors match the caller's expression
-    parts = [f"({expr})"] if expr else []
-    if exclude_ids:
-        quoted = ", ".join(json.dumps(i, ensure_ascii=False) for i in dict.fromkeys(exclude_ids))
-        parts.append(f"({PRIMARY_KEY} not in [{quoted}])")
-    return " and ".join(parts)
-
-
-def _search_params(index: str, k: int, ef: int) -> dict[str, int]:
-    if index in ("HNSW", "AUTOINDEX"):
-        return {"ef": max(ef, k)}
-    if index.startswith("IVF"):
-        return {"nprobe": 16}
-    return {}

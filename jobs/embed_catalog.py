@@ -104,12 +104,34 @@ def _plan_actors(cfg: EmbedConfig) -> tuple[int, float]:
     return n, per
 
 
-def _inspect(valid: pa.Table, identity: str, known: set[str], blocks: int):
+def _inspect(valid: pa.Table, identity: str, known: set[str], blocks: int) -> pa.Table:
+    """Ray Data pass 1: one row per item with its content_hash, action and error."""
     import ray
 
     ds = ray.data.from_arrow(valid.select(list(PIPELINE_COLUMNS))).repartition(blocks)
-    return ds.map_batches(inspect_images, batch_format="numpy", batch_size=64,
+    refs = ds.map_batches(inspect_images, batch_format="numpy", batch_size=64,
                           fn_kwargs={"identity": identity, "known": frozenset(known)}).to_arrow_refs()
+    return pa.concat_tables(ray.get(refs))
+
+
+def _plan_work(valid: pa.Table, inspected: pa.Table) -> tuple[pa.Table, pa.Table, list[tuple[str, str]], int]:
+    """From pass 1: (valid with its content_hash column, rows to encode, [(item_id, error)], items cached)."""
+    by_id = {r["item_id"]: r for r in inspected.to_pylist()}
+    ids = valid.column("item_id").to_pylist()
+    valid = valid.append_column("content_hash", pa.array([by_id[i]["content_hash"] for i in ids], pa.string()))
+    todo = valid.filter(pa.array([by_id[i]["action"] == "encode" for i in ids]))
+    errors = [(i, r["error"]) for i, r in by_id.items() if r["action"] == "error"]
+    reused = sum(1 for r in by_id.values() if r["action"] == "cached")
+    return valid, todo, errors, reused
+
+
+def _split_rejected(valid: pa.Table, reasons: dict[str, str]) -> tuple[pa.Table, pa.Table]:
+    """(rows that made it, rows that failed in the pipeline with their ``reason``, for the quarantine)."""
+    failed = pc.is_in(valid.column("item_id"), pa.array(sorted(reasons), pa.string()))
+    rejected = valid.filter(failed).drop_columns(["content_hash"])
+    rejected = rejected.append_column(
+        "reason", pa.array([reasons[i] for i in rejected.column("item_id").to_pylist()], pa.string()))
+    return valid.filter(pc.invert(failed)), rejected
 
 
 def _encode_and_write(cfg: EmbedConfig, todo: pa.Table, encoder: ItemEncoder, cache_uri: str, run_id: str,
@@ -213,31 +235,16 @@ def run(cfg: EmbedConfig) -> EmbedResult:
     cache = EmbeddingCache(artifacts.path(KIND, base, "cache"))
     ensure_ray(cfg.ray_address)
     n_actors, gpus = _plan_actors(cfg)
-    import ray
-
-    inspected = pa.concat_tables(ray.get(_inspect(valid, encoder.identity, cache.known_hashes(),
-                                                  cfg.blocks or max(1, 4 * n_actors))))
-    actions = dict(zip(inspected.column("item_id").to_pylist(), zip(inspected.column("action").to_pylist(),
-                                                                     inspected.column("content_hash").to_pylist(),
-                                                                     inspected.column("error").to_pylist())))
-    valid = valid.append_column("content_hash", pa.array([actions[i][1] for i in valid.column("item_id").to_pylist()],
-                                                         pa.string()))
-    errors = [(i, a[2]) for i, a in actions.items() if a[0] == "error"]
-    todo = valid.filter(pa.array([actions[i][0] == "encode" for i in valid.column("item_id").to_pylist()]))
-    reused = sum(1 for a in actions.values() if a[0] == "cached")
+    inspected = _inspect(valid, encoder.identity, cache.known_hashes(), cfg.blocks or max(1, 4 * n_actors))
+    valid, todo, errors, reused = _plan_work(valid, inspected)
     encoded, steady = 0, 0.0
     if todo.num_rows:
         log.info("encoding %d items with %d encoder actor(s), %g GPU each", todo.num_rows, n_actors, gpus)
         encoded, late_errors, steady = _encode_and_write(cfg, todo, encoder, cache.uri, run_id, n_actors, gpus)
         errors += late_errors
-    bad = {i for i, _ in errors}
-    if errors:
-        reasons = dict(errors)
-        rejected = valid.filter(pc.is_in(valid.column("item_id"), pa.array(sorted(bad), pa.string())))
-        rejected = rejected.drop_columns(["content_hash"])
-        quarantine.append(rejected.append_column(
-            "reason", pa.array([reasons[i] for i in rejected.column("item_id").to_pylist()], pa.string())))
-    good = valid.filter(pc.invert(pc.is_in(valid.column("item_id"), pa.array(sorted(bad), pa.string()))))
+    good, rejected = _split_rejected(valid, dict(errors))
+    if rejected.num_rows:
+        quarantine.append(rejected)
 
     refreshed = _refresh(store, base, good, cache)
     removed = _prune(store, base, set(good.column("item_id").to_pylist())) if cfg.prune else 0

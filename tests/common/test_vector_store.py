@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import milvus_local
+from common import milvus_local, milvus_standalone
 from common.errors import (
     CollectionMismatchError,
     ConfigError,
@@ -25,7 +25,8 @@ from common.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from common.vector_store import CollectionSpec, Hit, MilvusStore, VectorStore, open_store, parse_store_uri
+from common.store_schema import parse_store_uri
+from common.vector_store import CollectionSpec, Hit, MilvusStore, VectorStore, open_store
 
 DIM = 64
 N = 500
@@ -66,7 +67,7 @@ def lite_uri(tmp_path_factory):
 @pytest.fixture(scope="module")
 def standalone_uri(tmp_path_factory):
     pytest.importorskip("milvus", reason="the Milvus standalone server comes from the PyPI package `milvus`")
-    server = milvus_local.start_standalone(tmp_path_factory.mktemp("standalone"))
+    server = milvus_standalone.start_standalone(tmp_path_factory.mktemp("standalone"))
     yield server.uri
     server.stop()
 
