@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
-from common import fashion_mnist, model_assets
+from common import model_assets
+from common.config import default_catalog
+from common.sample_catalog import CATEGORY_NAMES
 from common.encoder import EncoderConfig, ItemEncoder, prepare_image
 from common.errors import ConfigError, ModelUnavailableError
 
@@ -24,7 +28,12 @@ def encoder() -> ItemEncoder:
 
 @pytest.fixture(scope="module")
 def fm_train() -> tuple[np.ndarray, np.ndarray]:
-    return fashion_mnist.load("train", fetch_missing=True)
+    """The shipped sample's real Fashion-MNIST train photos (so no download) with their class labels."""
+    catalog = pd.read_parquet(default_catalog())
+    base = Path(default_catalog()).parent
+    images = np.stack([np.asarray(Image.open(base / rel).convert("L")) for rel in catalog["image"]])
+    labels = np.array([CATEGORY_NAMES.index(c) for c in catalog["category"]])
+    return images, labels
 
 
 def _pixels(enc: ItemEncoder, images: np.ndarray) -> np.ndarray:
