@@ -69,6 +69,15 @@ class EmbeddingCache:
         seen: dict[str, int] = {h: i for i, h in enumerate(table.column(HASH).to_pylist())}
         return table.take(pa.array(sorted(seen.values()), pa.int64()))
 
+    def aligned(self, hashes: list[str]) -> pa.Table:
+        """The cached rows for ``hashes``, one per entry and in the same order; KeyError names a missing hash."""
+        cached = self.lookup(hashes)
+        index = {h: i for i, h in enumerate(cached.column(HASH).to_pylist())}
+        missing = [h for h in hashes if h not in index]
+        if missing:
+            raise KeyError(f"{len(missing)} content hashes are not in the embedding cache {self.uri}, e.g. {missing[0]}")
+        return cached.take(pa.array([index[h] for h in hashes], pa.int64()))
+
     def compact(self, live_hashes: set[str], run_id: str, max_parts: int = 64) -> bool:
         """Rewrite the cache as one part holding only ``live_hashes`` when it has grown past ``max_parts``
         parts or holds more dead rows than live ones. Returns whether it compacted."""

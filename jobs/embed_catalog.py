@@ -169,24 +169,21 @@ def _encode_and_write(cfg: EmbedConfig, todo: pa.Table, encoder: ItemEncoder, ca
     return written, errors, steady
 
 
-def _refresh(store: VectorStore, base: str, rows: pa.Table, cache: EmbeddingCache) -> int:
-    """Upsert items whose stored fields differ from the catalogue, with vectors from the cache."""
+def _refresh(store: VectorStore, base: str, rows: pa.Table, vectors: pa.Table) -> int:
+    """Upsert items whose stored fields differ from the catalogue; ``vectors`` is aligned with ``rows``."""
     stored = {}
     for page in store.scan(collection_name(base, "fused"), ["fingerprint"]):
         stored.update({r["item_id"]: r["fingerprint"] for r in page})
-    items = [r for r in rows.to_pylist() if stored.get(r["item_id"]) != scalar_row(r)["fingerprint"]]
-    if not items:
-        return 0
-    cached = cache.lookup(r["content_hash"] for r in items)
-    index = {h: i for i, h in enumerate(cached.column("content_hash").to_pylist())}
-    take = pa.array([index[r["content_hash"]] for r in items], pa.int64())
-    vectors = {k: np.asarray(cached.column(c).take(take).to_pylist(), dtype=np.float32)
-               for k, c in VECTOR_COLUMNS.items()}
-    for start in range(0, len(items), 512):
-        chunk = store_rows(items[start:start + 512], {k: v[start:start + 512] for k, v in vectors.items()})
-        for kind, kind_rows in chunk.items():
+    items = rows.to_pylist()
+    changed = [i for i, r in enumerate(items) if stored.get(r["item_id"]) != scalar_row(r)["fingerprint"]]
+    for start in range(0, len(changed), 512):
+        chunk = changed[start:start + 512]
+        take = pa.array(chunk, pa.int64())
+        arrays = {k: np.asarray(vectors.column(c).take(take).to_pylist(), dtype=np.float32)
+                  for k, c in VECTOR_COLUMNS.items()}
+        for kind, kind_rows in store_rows([items[i] for i in chunk], arrays).items():
             store.upsert(collection_name(base, kind), kind_rows)
-    return len(items)
+    return len(changed)
 
 
 def _prune(store: VectorStore, base: str, keep: set[str]) -> int:
@@ -246,14 +243,15 @@ def run(cfg: EmbedConfig) -> EmbedResult:
     if rejected.num_rows:
         quarantine.append(rejected)
 
-    refreshed = _refresh(store, base, good, cache)
+    vectors = cache.aligned(good.column("content_hash").to_pylist())  # one read of the cache for both uses
+    refreshed = _refresh(store, base, good, vectors)
     removed = _prune(store, base, set(good.column("item_id").to_pylist())) if cfg.prune else 0
     for kind in VECTOR_KINDS:
         store.flush(collection_name(base, kind))
 
     version = artifacts.new_version(KIND, base)
     embeddings_uri = artifacts.path(KIND, base, version, "embeddings.parquet")
-    _write_parquet(_snapshot(good, cache), embeddings_uri)
+    _write_parquet(_snapshot(good, vectors), embeddings_uri)
     quarantine_uri = None
     if quarantine:
         quarantine_uri = artifacts.path(KIND, base, version, "quarantine", "rows.parquet")
@@ -278,18 +276,14 @@ def run(cfg: EmbedConfig) -> EmbedResult:
     return result
 
 
-def _snapshot(good: pa.Table, cache: EmbeddingCache) -> pa.Table:
-    """Every valid item with its metadata and vectors: what downstream jobs read."""
-    cached = cache.lookup(good.column("content_hash").to_pylist())
-    index = {h: i for i, h in enumerate(cached.column("content_hash").to_pylist())}
-    take = pa.array([index[h] for h in good.column("content_hash").to_pylist()], pa.int64())
-    meta = good.drop_columns(["image"]) if "image" in good.column_names else good
-    if pa.types.is_binary(good.schema.field("image").type) or pa.types.is_large_binary(good.schema.field("image").type):
-        meta = meta.append_column("image", pa.array(["<bytes>"] * good.num_rows, pa.string()))
-    else:
-        meta = meta.append_column("image", good.column("image"))
+def _snapshot(good: pa.Table, vectors: pa.Table) -> pa.Table:
+    """Every valid item with its metadata and vectors (aligned with ``good``): what downstream jobs read."""
+    image = good.column("image")
+    if pa.types.is_binary(image.type) or pa.types.is_large_binary(image.type):
+        image = pa.array(["<bytes>"] * good.num_rows, pa.string())
+    meta = good.drop_columns(["image"]).append_column("image", image)
     for column in VECTOR_COLUMNS.values():
-        meta = meta.append_column(column, cached.column(column).take(take))
+        meta = meta.append_column(column, vectors.column(column))
     return meta
 
 

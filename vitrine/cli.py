@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 
@@ -144,7 +143,6 @@ def _run_embed(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     args = build_parser().parse_args(argv)
     # Our packages log progress at INFO; libraries (open_clip logs through the root logger) only warnings.
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
