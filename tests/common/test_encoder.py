@@ -238,3 +238,32 @@ def test_low_precision_plan_stays_within_cosine_of_fp32(encoder, fm_train):
     assert bf16.plan == "bf16" and bf16.identity == encoder.identity
     for kind in ("visual", "image"):
         assert _cos(out[kind], reference[kind]).min() > 0.99
+
+
+TITLES = [f"{c} number {i}" for i, c in enumerate(CATEGORY_NAMES * 2)]  # 20 strings: enough to compile
+
+
+def test_a_failing_text_compile_falls_back_to_eager_loudly(monkeypatch, caplog):
+    enc = ItemEncoder(EncoderConfig(precision="bf16", device="cpu"))
+    eager = enc.encode_texts(TITLES)
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    enc.text_plan = "bf16-compiled"
+    with caplog.at_level("WARNING", logger="common.encoder"):
+        out = enc.encode_texts(TITLES)
+    assert enc.text_plan == "bf16" and "no C compiler" in caplog.text
+    np.testing.assert_allclose(out, eager, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_text_tower_stays_within_cosine_of_fp32(encoder):
+    enc = ItemEncoder(EncoderConfig(precision="bf16", device="cpu"))
+    enc.text_plan = "bf16-compiled"  # what precision="auto" picks on a CPU with native bf16
+    out = enc.encode_texts(TITLES)
+    assert enc.text_plan == "bf16-compiled"
+    assert _cos(out, encoder.encode_texts(TITLES)).min() > 0.99
