@@ -15,21 +15,12 @@ import pyarrow.parquet as pq
 
 from common.catalog import file_format, ids_as_str, pyarrow_filesystem, read_table
 from common.errors import ConfigError, SchemaError
+from common.events import EVENT_TYPES, EVENTS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-#: Positive feedback in funnel order, then the two negative kinds.
-EVENT_TYPES: tuple[str, ...] = ("view", "wishlist", "add_to_bag", "purchase", "dislike", "return")
-EVENTS_SCHEMA = pa.schema([
-    ("user_id", pa.string()),  # "u-0001"
-    ("item_id", pa.string()),
-    ("event", pa.string()),  # one of EVENT_TYPES
-    ("ts", pa.timestamp("us", tz="UTC")),  # increasing within a session
-    ("session_id", pa.string()),  # "s-000001"; a return opens its own session
-    ("order_id", pa.string()),  # purchases (and their returns) only; shared by one checkout
-    ("button", pa.string()),  # UI element: "heart", "add_to_bag", "quick_add", "not_interested", "checkout"
-    ("value", pa.float64()),  # purchase: price paid; return: amount refunded; otherwise null
-])
+#: The event kinds the simulation emits (all of EVENT_TYPES but explicit ratings).
+SIMULATED_EVENTS: tuple[str, ...] = tuple(e for e in EVENT_TYPES if e != "rating")
 USERS_SCHEMA = pa.schema([
     ("user_id", pa.string()),
     ("taste_categories", pa.list_(pa.string())),  # 1-3 planted favourite categories

@@ -95,7 +95,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import embed_catalog
+    from jobs import embed_catalog, evaluate
 
     parser = argparse.ArgumentParser(prog="vitrine", description="Multimodal product recommendations on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--artifacts", help="artifact store (to find the collection's encoder)")
     _store_args(search)
     search.set_defaults(func=cmd_search)
+
+    ev = sub.add_parser("eval", help="compare every recommender on a public data set or an events file")
+    evaluate.build_parser(ev)
+    ev.set_defaults(func=lambda a: evaluate.run_and_print(a))
 
     milvus = sub.add_parser("milvus", help="the embedded Milvus Lite server behind a store folder")
     milvus.add_argument("action", choices=["start", "stop", "status"])

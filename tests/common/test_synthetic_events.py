@@ -11,7 +11,7 @@ import pytest
 
 from common.errors import ConfigError, SchemaError
 from common.synthetic_events import (
-    COMPLEMENTARY_PAIRS, EVENT_TYPES, EVENTS_SCHEMA, PRICE_BANDS, USERS_SCHEMA, ShopperModel, generate_events,
+    COMPLEMENTARY_PAIRS, EVENTS_SCHEMA, SIMULATED_EVENTS, PRICE_BANDS, USERS_SCHEMA, ShopperModel, generate_events,
     price_bands, read_events, write_events, write_users,
 )
 
@@ -63,7 +63,7 @@ def test_schema_and_dtypes(generated: tuple[pd.DataFrame, pd.DataFrame]) -> None
     assert list(events.columns) == EVENTS_SCHEMA.names
     assert str(events["ts"].dt.tz) == "UTC"
     assert events["value"].dtype == np.float64
-    assert set(events["event"]) == set(EVENT_TYPES)
+    assert set(events["event"]) == set(SIMULATED_EVENTS)
     assert events["user_id"].str.fullmatch(r"u-\d{4}").all()
     assert events["ts"].is_monotonic_increasing
     assert events.groupby("session_id")["ts"].apply(lambda ts: ts.diff().dropna().gt(pd.Timedelta(0)).all()).all()
