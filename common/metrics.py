@@ -36,6 +36,8 @@ def rank_metrics(ranked: np.ndarray, truth: sp.csr_matrix, ks: tuple[int, ...]) 
     hits = hits_matrix(ranked, truth)[users].astype(np.float64)
     n_true = n_true[users].astype(np.float64)
     out: dict[str, float] = {"users": float(users.sum())}
+    if not users.any():  # nothing held out (e.g. an empty slice): every metric undefined
+        return out | {f"{m}@{k}": float("nan") for k in ks for m in RANK_METRICS}
     discount = 1.0 / np.log2(np.arange(hits.shape[1]) + 2.0)
     ideal = np.concatenate([[0.0], np.cumsum(discount)])
     for k in ks:

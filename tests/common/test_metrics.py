@@ -76,3 +76,8 @@ def test_coverage_and_diversity():
 def test_k_beyond_the_ranked_depth_is_refused():
     with pytest.raises(ValueError, match="k=5"):
         rank_metrics(np.zeros((1, 3), int), sp.csr_matrix(np.ones((1, 3))), (5,))
+
+
+def test_no_user_with_truth_gives_undefined_metrics_not_zero():
+    m = rank_metrics(np.array([[0, 1]]), sp.csr_matrix((1, 2)), (1,))
+    assert m["users"] == 0 and math.isnan(m["ndcg@1"])

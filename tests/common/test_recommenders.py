@@ -95,3 +95,36 @@ def test_top_k_excludes_and_breaks_ties_by_item_index():
     scores = np.array([[0.5, 0.9, 0.5, 0.5]], np.float32)
     assert top_k(scores, 3).tolist() == [[1, 0, 2]]
     assert top_k(scores, 3, sp.csr_matrix(np.array([[0, 1, 0, 0]]))).tolist() == [[0, 2, 3]]
+
+
+class _Noise:
+    name = "noise"
+
+    def fit(self, data):
+        self.n = data.interactions.n_items
+        return self
+
+    def scores(self, users):
+        return np.random.default_rng(len(users)).random((len(users), self.n)).astype(np.float32)
+
+
+def test_blend_standardises_each_part_and_tuning_drops_a_useless_part():
+    from common.events import validate_events
+    from common.interactions import build_interactions
+    from common.recommenders.blend import Blend, TunedBlend, standardise
+
+    s = standardise(np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]))
+    np.testing.assert_allclose(s[0], [-1.2247449, 0.0, 1.2247449], rtol=1e-6)
+    assert s[1].tolist() == [0.0, 0.0, 0.0]
+    rng = np.random.default_rng(1)
+    rows = []  # two taste groups over 40 items; each user views 12 of their group's 20 items over time
+    for u in range(40):
+        group = np.arange(20) if u % 2 else np.arange(20, 40)
+        for t, i in enumerate(rng.choice(group, 12, replace=False)):
+            rows.append((f"u{u}", f"i{i}", "view", t))
+    ev = validate_events(pd.DataFrame(rows, columns=["user_id", "item_id", "event", "ts"])).valid
+    data = TrainData(build_interactions(ev), ev)
+    tuned = TunedBlend([lambda: ItemKNN(20), _Noise], grid=(0.0, 1.0)).fit(data)
+    assert tuned.weights == [1.0, 0.0]
+    fixed = Blend([ItemKNN(20), _Noise()], [1.0, 0.0]).fit(data)
+    np.testing.assert_allclose(tuned.scores(np.arange(4)), fixed.scores(np.arange(4)), rtol=1e-5)
