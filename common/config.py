@@ -39,6 +39,11 @@ def default_catalog() -> str:
     return str(Path(__file__).resolve().parent.parent / "data" / "sample" / "catalog.parquet")
 
 
+def default_events() -> str:
+    """The shipped sample's synthetic shoppers (events.parquet beside the sample catalogue)."""
+    return str(Path(default_catalog()).parent / "events.parquet")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file; ConfigError when the file is missing or is not a mapping."""
     try:

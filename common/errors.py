@@ -39,3 +39,7 @@ class NotFoundError(VitrineError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class EmptyProfileError(VitrineError, ValueError):
+    """A user has no event that says anything about their taste (or their likes and dislikes cancel out)."""

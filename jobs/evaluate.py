@@ -29,6 +29,7 @@ from common.evaluation import ModelReport, basket_queries, evaluate_baskets, eva
 from common.events import EventWeights, load_events, user_segments
 from common.fashion_mnist import cache_dir
 from common.interactions import TrainData, build_interactions, last_basket_split, temporal_split
+from common.profiles import MeanProfileRecommender, SessionRecommender
 from common.recommenders.blend import TunedBlend
 from common.recommenders.content import ContentKNN
 from common.recommenders.cooccurrence import CoOccurrence
@@ -61,6 +62,8 @@ def _registry() -> dict[str, ModelEntry]:
         "ease": ModelEntry(lambda: EASE(250.0)),
         "cooccurrence": ModelEntry(CoOccurrence, protocols=("user", "basket")),
         "content": ModelEntry(lambda: ContentKNN(100), needs_vectors=True, protocols=("user", "basket")),
+        "mean-profile": ModelEntry(MeanProfileRecommender, needs_vectors=True),
+        "session": ModelEntry(SessionRecommender, needs_vectors=True),
         "blend": ModelEntry(lambda: TunedBlend([lambda: EASE(250.0), lambda: ItemKNN(200)])),
     }
 

@@ -95,7 +95,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import embed_catalog, evaluate
+    from jobs import build_profiles, embed_catalog, evaluate
 
     parser = argparse.ArgumentParser(prog="vitrine", description="Multimodal product recommendations on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(search)
     search.set_defaults(func=cmd_search)
 
+    profiles = sub.add_parser("profiles", help="build user profile vectors (mean item embeddings) into the store")
+    build_profiles.build_parser(profiles)
+    profiles.set_defaults(func=lambda a: _print_summary(build_profiles.run(build_profiles.config_from_args(a))))
+
     ev = sub.add_parser("eval", help="compare every recommender on a public data set or an events file")
     evaluate.build_parser(ev)
     ev.set_defaults(func=lambda a: evaluate.run_and_print(a))
@@ -136,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=cmd_sample)
     return parser
+
+
+def _print_summary(result) -> int:
+    print(result.summary())
+    return 0
 
 
 def _run_embed(args: argparse.Namespace) -> int:
