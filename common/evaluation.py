@@ -114,9 +114,16 @@ def evaluate_baskets(rec, data: TrainData, queries: BasketQueries, ks: tuple[int
     t1 = time.perf_counter()
     n = len(queries.query)
     exclude = sp.csr_matrix((np.ones(n, np.float32), (np.arange(n), queries.query)), shape=queries.truth.shape)
-    ranked = np.concatenate([top_k(rec.item_scores(queries.query[lo:lo + USER_BATCH]), max(ks),
+    ranked = np.concatenate([top_k(_item_scores(rec, queries, slice(lo, lo + USER_BATCH)), max(ks),
                                    exclude[lo:lo + USER_BATCH]) for lo in range(0, n, USER_BATCH)])
     t2 = time.perf_counter()
     metrics = rank_metrics(ranked, queries.truth, ks)
     metrics.update(_catalogue_metrics(ranked, data.interactions.n_items, ks, data.item_vectors))
     return ModelReport(rec.name, metrics, {}, t1 - t0, t2 - t1)
+
+
+def _item_scores(rec, queries: BasketQueries, rows: slice) -> np.ndarray:
+    """A personal model (``personal = True``) also learns who asks; the others see the query item only."""
+    if getattr(rec, "personal", False):
+        return rec.item_scores(queries.query[rows], users=queries.users[rows])
+    return rec.item_scores(queries.query[rows])

@@ -31,6 +31,7 @@ from common.fashion_mnist import cache_dir
 from common.interactions import TrainData, build_interactions, last_basket_split, temporal_split
 from common.profiles import MeanProfileRecommender, SessionRecommender
 from common.recommenders.blend import TunedBlend
+from common.recommenders.bought_together import BasketCompletion, BuyAgain, RulesRecommender
 from common.recommenders.content import ContentKNN
 from common.recommenders.cooccurrence import CoOccurrence
 from common.recommenders.ease import EASE
@@ -62,6 +63,9 @@ def _registry() -> dict[str, ModelEntry]:
         "ease": ModelEntry(lambda: EASE(250.0)),
         "cooccurrence": ModelEntry(CoOccurrence, protocols=("user", "basket")),
         "content": ModelEntry(lambda: ContentKNN(100), needs_vectors=True, protocols=("user", "basket")),
+        "rules": ModelEntry(RulesRecommender, protocols=("basket",)),
+        "buy-again": ModelEntry(BuyAgain, protocols=("basket",)),
+        "rules+history": ModelEntry(BasketCompletion, protocols=("basket",)),
         "mean-profile": ModelEntry(MeanProfileRecommender, needs_vectors=True),
         "session": ModelEntry(SessionRecommender, needs_vectors=True),
         "blend": ModelEntry(lambda: TunedBlend([lambda: EASE(250.0), lambda: ItemKNN(200)])),
