@@ -10,11 +10,15 @@ Four float32, L2-normalised vectors per item:
 For a CLIP model ``visual`` and ``image`` are the same image embedding. The default preset
 ``vitrine-effnet-minilm`` (built offline by :mod:`common.model_assets`) is an open_clip ``local-dir:`` model made
 of an EfficientNet-Lite0 timm trunk (``visual`` = its 1280-d pooled features) and the all-MiniLM-L6-v2 HF text
-tower (384-d). Its two towers were never trained together, so ``image`` comes from a training-free bridge:
-ImageNet class probabilities (the EfficientNet classifier, softmax at temperature 2) times the MiniLM embeddings
-of the 1,000 class names centred on their mean, L2-normalised. open_clip's TimmModel drops the trunk's
-classifier, so the bridge (classifier, temperature, class-name matrix) lives in ``bridge_head.safetensors``
-beside the open_clip weights and is loaded whenever a local-dir holds one.
+tower (384-d). Its two towers were never trained together, so ``image`` comes from a head on the visual
+features kept in ``bridge_head.safetensors`` beside the open_clip weights, loaded whenever a local-dir holds one:
+
+* the base preset's training-free bridge (:class:`BridgeHead`): ImageNet class probabilities (the EfficientNet
+  classifier, which open_clip's TimmModel drops, softmax at temperature 2) times the MiniLM embeddings of the
+  1,000 class names centred on their mean, L2-normalised;
+* or a trained affine head (:class:`LinearHead`) on the unit ``visual`` vector, as the preset
+  ``vitrine-effnet-minilm-aligned`` holds (trained by ``jobs/align_encoder.py``, see :mod:`common.alignment`;
+  its text projection is open_clip's own ``hf_proj_type: linear`` in the open_clip weights).
 
 Weights are never silently random: an open_clip architecture without ``pretrained`` or a local-dir without a
 weights file raises ModelUnavailableError unless ``allow_random_weights=True``. Hugging Face is offline unless
@@ -44,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.errors import ConfigError
+from common.errors import ConfigError, ModelUnavailableError
 from common.model_assets import (BRIDGE_FILE, DEFAULT_MODEL_NAME, ModelSource, load_open_clip, resolve_source,
                                  state_fingerprint, trim_padding, verify_trunk)
 
@@ -123,7 +127,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-# --- the bridge and the image forward --------------------------------------------------------------------
+# --- the head on the visual features and the image forward ------------------------------------------------
 
 
 class BridgeHead:
@@ -135,12 +139,18 @@ class BridgeHead:
         self.temperature = float(temperature)
 
     @classmethod
-    def load(cls, folder: Path, device: str) -> BridgeHead | None:
+    def load(cls, folder: Path, device: str) -> BridgeHead | LinearHead | None:
+        """The head in ``folder/bridge_head.safetensors`` (a bridge or a linear head, told by its keys), or None."""
         if not (folder / BRIDGE_FILE).is_file():
             return None
         from safetensors.torch import load_file
 
         t = load_file(str(folder / BRIDGE_FILE), device=device)
+        if "linear.weight" in t:
+            return LinearHead(t["linear.weight"].float(), t["linear.bias"].float())
+        if "classifier.weight" not in t:
+            raise ModelUnavailableError(f"{folder / BRIDGE_FILE} holds neither a bridge (classifier.*) nor a linear "
+                                        f"head (linear.*): keys {sorted(t)}")
         temperature = float(t["temperature"]) if "temperature" in t else 1.0
         return cls(t["classifier.weight"].float(), t["classifier.bias"].float(), t["class_embeddings"].float(),
                    temperature)
@@ -162,10 +172,34 @@ class BridgeHead:
         return F.normalize(probs @ self.class_embeddings, dim=-1)
 
 
+class LinearHead:
+    """A trained head: ``normalize(weight @ normalize(features) + bias)``; it reads the unit ``visual`` vector."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        self.weight, self.bias = weight, bias
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.weight.shape[0])
+
+    def tensors(self) -> dict[str, Any]:
+        return {"head.weight": self.weight, "head.bias": self.bias}
+
+    def __call__(self, features: Any) -> Any:
+        return F.normalize(F.linear(F.normalize(features.float(), dim=-1), self.weight, self.bias), dim=-1)
+
+
+VisualHead = BridgeHead | LinearHead
+
+
 class ImageForward(torch.nn.Module):
     """uint8 NHWC pixels -> (visual, image) unit vectors; ``lowp`` is the autocast dtype (None = fp32)."""
 
-    def __init__(self, visual: torch.nn.Module, bridge: BridgeHead | None, mean: torch.Tensor, std: torch.Tensor,
+    def __init__(self, visual: torch.nn.Module, bridge: VisualHead | None, mean: torch.Tensor, std: torch.Tensor,
                  lowp: torch.dtype | None):
         super().__init__()
         self.visual, self.bridge, self.lowp = visual, bridge, lowp
@@ -287,7 +321,7 @@ def fast_copy(forward: ImageForward, lowp: torch.dtype, size: int) -> ImageForwa
 class ImageRunner:
     """Runs the image forward under a plan, compiling lazily and checking low precision against fp32 once."""
 
-    def __init__(self, visual: torch.nn.Module, bridge: BridgeHead | None, mean: torch.Tensor, std: torch.Tensor,
+    def __init__(self, visual: torch.nn.Module, bridge: VisualHead | None, mean: torch.Tensor, std: torch.Tensor,
                  device: str, plan: str, size: int):
         visual.to(memory_format=torch.channels_last)
         lowp = {"fp32": None, "fp16": torch.float16}.get(plan, torch.bfloat16)

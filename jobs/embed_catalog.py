@@ -294,7 +294,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--collection", help="catalogue name in the store (default: items)")
     p.add_argument("--store", dest="store_uri", help="vector store: a folder (embedded Milvus Lite) or http://host:19530")
     p.add_argument("--artifacts", dest="artifacts_uri", help="artifact store folder or URI")
-    p.add_argument("--model", help="open_clip architecture or preset (default: vitrine-effnet-minilm)")
+    p.add_argument("--model", help="open_clip architecture or preset (default: vitrine-effnet-minilm-aligned)")
     p.add_argument("--pretrained", help="pretrained tag, weights file or local-dir:PATH")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--batch-size", type=int)

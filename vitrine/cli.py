@@ -95,7 +95,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import build_profiles, embed_catalog, evaluate, mine_rules
+    from jobs import align_encoder, build_profiles, embed_catalog, evaluate, mine_rules
 
     parser = argparse.ArgumentParser(prog="vitrine", description="Multimodal product recommendations on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--artifacts", help="artifact store (to find the collection's encoder)")
     _store_args(search)
     search.set_defaults(func=cmd_search)
+
+    align = sub.add_parser("align", help="align the encoder's towers on catalogue pairs (Ray Train, LiT heads)")
+    align_encoder.build_parser(align)
+    align.set_defaults(func=lambda a: _print_summary(align_encoder.run(align_encoder.config_from_args(a))))
 
     rules = sub.add_parser("rules", help="mine frequently-bought-together rules from events (FP-Growth)")
     mine_rules.build_parser(rules)

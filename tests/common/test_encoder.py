@@ -27,6 +27,12 @@ def encoder() -> ItemEncoder:
 
 
 @pytest.fixture(scope="module")
+def base_encoder() -> ItemEncoder:
+    """The base preset (pretrained towers + training-free bridge) in fp32."""
+    return ItemEncoder(EncoderConfig(model=model_assets.BASE_MODEL_NAME, precision="fp32", device="cpu"))
+
+
+@pytest.fixture(scope="module")
 def fm_train() -> tuple[np.ndarray, np.ndarray]:
     """The shipped sample's real Fashion-MNIST train photos (so no download) with their class labels."""
     catalog = pd.read_parquet(default_catalog())
@@ -60,7 +66,7 @@ def test_vectors_are_unit_float32_with_the_advertised_dims(encoder, fm_train):
         assert v.dtype == np.float32
         assert v.shape[1] == encoder.dims[name]
         np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
-    assert encoder.identity.startswith("vitrine-effnet-minilm@")
+    assert encoder.identity.startswith(f"{model_assets.DEFAULT_MODEL_NAME}@")
     assert encoder.encode_images(pixels[:0])["visual"].shape == (0, 1280)
     assert encoder.encode_texts([]).shape == (0, 384)
 
@@ -77,12 +83,12 @@ def test_batched_encoding_equals_one_at_a_time(encoder, fm_train):
     assert _cos(encoder.encode_texts(texts), one_by_one).min() > 0.999
 
 
-def test_text_tower_matches_sentence_transformers(encoder):
+def test_text_tower_matches_sentence_transformers(base_encoder):
     st = pytest.importorskip("sentence_transformers")
     texts = ["a photo of a dress.", "Blue denim jeans, slim fit. Acme", "sneaker"]
     reference = st.SentenceTransformer(str(model_assets.minilm_dir()), device="cpu").encode(
         texts, normalize_embeddings=True)
-    assert _cos(encoder.encode_texts(texts), reference).min() > 0.999
+    assert _cos(base_encoder.encode_texts(texts), reference).min() > 0.999
 
 
 def test_dress_text_is_closer_to_dresses_than_to_boots(encoder, fm_train):
@@ -104,7 +110,8 @@ def test_visual_vectors_group_same_class_images(encoder, fm_train):
     assert (labels[idx][sim.argmax(1)] == labels[idx]).mean() >= 0.75
 
 
-def test_trunk_holds_the_checkpoint_tensors(encoder):
+def test_trunk_holds_the_checkpoint_tensors(base_encoder):
+    encoder = base_encoder
     trunk = encoder.model.visual.trunk
     raw = torch.load(model_assets.efficientnet_checkpoint(), map_location="cpu", weights_only=True)
     renamed = model_assets.rename_efficientnet_keys(raw, trunk)

@@ -1,0 +1,82 @@
+"""The alignment job on Ray Train (2 CPU workers): a loadable model folder, and resuming after a worker failure."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from common.alignment import HEADS_FILE, MANIFEST_FILE, AlignmentHeads, TrainSettings, embed
+from common.encoder import EncoderConfig, ItemEncoder
+from common.errors import ConfigError
+from common.model_assets import BASE_MODEL_NAME
+from jobs.align_encoder import AlignConfig, AlignData, class_prompts, run
+
+PAIRS, CLASSES = 320, 4
+
+
+@pytest.fixture(scope="module")
+def base() -> ItemEncoder:
+    return ItemEncoder(EncoderConfig(model=BASE_MODEL_NAME, precision="fp32", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def data(base) -> AlignData:
+    """Synthetic frozen features in the real dimensions (1280 -> 384), linked only through a shared class."""
+    rng = np.random.default_rng(0)
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+    img_c, txt_c = rng.normal(size=(CLASSES, 1280)), rng.normal(size=(CLASSES, 384))
+    labels = np.repeat(np.arange(CLASSES), PAIRS // CLASSES)
+    visual = unit(img_c[labels] + 0.5 * rng.normal(size=(PAIRS, 1280)))
+    text = unit(txt_c[labels] + 0.5 * rng.normal(size=(PAIRS, 384)))
+    eval_labels = np.repeat(np.arange(CLASSES), 20)
+    val_labels = np.repeat(np.arange(CLASSES), 10)
+    return AlignData(visual=visual, text=text, eval_visual=unit(img_c[eval_labels] + 0.5 * rng.normal(size=(80, 1280))),
+                     eval_image_before=unit(rng.normal(size=(80, 384))), eval_labels=eval_labels,
+                     val_visual=unit(img_c[val_labels] + 0.5 * rng.normal(size=(40, 1280))), val_labels=val_labels,
+                     prompts=base.encode_texts(class_prompts()), encoder_identity="synthetic")
+
+
+def _cfg(tmp_path: Path, **kw) -> AlignConfig:
+    return AlignConfig(artifacts_uri=str(tmp_path), epochs=2, workers=2, per_class=30, eval_per_class=20,
+                       train=TrainSettings(batch_size=32, lr=1e-2), **kw)
+
+
+def test_the_job_resumes_after_a_failure_and_writes_a_model_itemencoder_loads(ray_local, tmp_path, data, base):
+    result = run(_cfg(tmp_path, fail_after_epoch=1, max_failures=1), data=data)
+    assert (result.epochs, result.pairs) == (2, PAIRS)
+    assert result.resumed_from_epoch == 2  # the second attempt started after epoch 1's checkpoint, not from 1
+    folder = Path(result.model_dir)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    assert manifest["after"] == result.after and manifest["verify_min_cosine"] > 0.99
+    assert result.best_epoch in (1, 2) and manifest["best_epoch"] == result.best_epoch  # chosen on validation
+    assert 0 < manifest["validation_score"] <= 1
+    assert result.after["precision_at_10"] > 0.9  # separable classes (chance 0.25)
+
+    heads = AlignmentHeads(1280, 384)
+    heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
+    aligned = ItemEncoder(EncoderConfig(model=f"local-dir:{folder}", precision="fp32", device="cpu"))
+    assert aligned.identity.startswith("vitrine-effnet-minilm-aligned@") and aligned.identity != base.identity
+    pixels = np.stack([aligned.prepare_image(Image.fromarray(np.full((28, 28), v, np.uint8))) for v in (0, 200)])
+    out, ref = aligned.encode_images(pixels), base.encode_images(pixels)
+    np.testing.assert_allclose(out["visual"], ref["visual"], atol=1e-5)  # the same frozen trunk
+    np.testing.assert_allclose(out["image"], embed(heads, visual=ref["visual"]), atol=1e-4)  # the trained head
+    texts = ["red dress", "black ankle boots"]
+    np.testing.assert_allclose(aligned.encode_texts(texts), embed(heads, text=base.encode_texts(texts)), atol=1e-4)
+
+
+def test_too_few_pairs_per_worker_is_a_config_error(ray_local, tmp_path, data):
+    with pytest.raises(ConfigError, match="batch_size=256"):
+        run(AlignConfig(artifacts_uri=str(tmp_path), epochs=1, workers=2, train=TrainSettings(batch_size=256)),
+            data=data)
+
+
+@pytest.mark.parametrize("kwargs, echoed", [({"base_model": "nope"}, "'nope'"), ({"epochs": 0}, "0"),
+                                            ({"artifacts_uri": "s3://b/a"}, "s3://b/a"),
+                                            ({"fail_after_epoch": 9, "epochs": 2}, "9")])
+def test_config_validation_echoes_the_bad_value(kwargs, echoed):
+    with pytest.raises(ConfigError, match=echoed):
+        AlignConfig(**kwargs)
