@@ -30,6 +30,7 @@ from common.events import EventWeights, load_events, user_segments
 from common.fashion_mnist import cache_dir
 from common.interactions import TrainData, build_interactions, last_basket_split, temporal_split
 from common.profiles import MeanProfileRecommender, SessionRecommender
+from common.two_tower import TwoTowerRecommender
 from common.recommenders.blend import TunedBlend
 from common.recommenders.bought_together import BasketCompletion, BuyAgain, RulesRecommender
 from common.recommenders.content import ContentKNN
@@ -68,6 +69,7 @@ def _registry() -> dict[str, ModelEntry]:
         "rules+history": ModelEntry(BasketCompletion, protocols=("basket",)),
         "mean-profile": ModelEntry(MeanProfileRecommender, needs_vectors=True),
         "session": ModelEntry(SessionRecommender, needs_vectors=True),
+        "two-tower": ModelEntry(TwoTowerRecommender, needs_vectors=True),
         "blend": ModelEntry(lambda: TunedBlend([lambda: EASE(250.0), lambda: ItemKNN(200)])),
     }
 

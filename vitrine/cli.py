@@ -95,7 +95,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import align_encoder, build_profiles, embed_catalog, evaluate, mine_rules
+    from jobs import align_encoder, build_profiles, embed_catalog, evaluate, mine_rules, train_two_tower
 
     parser = argparse.ArgumentParser(prog="vitrine", description="Multimodal product recommendations on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     align = sub.add_parser("align", help="align the encoder's towers on catalogue pairs (Ray Train, LiT heads)")
     align_encoder.build_parser(align)
     align.set_defaults(func=lambda a: _print_summary(align_encoder.run(align_encoder.config_from_args(a))))
+
+    train = sub.add_parser("train", help="train a learned recommender on events (Ray Train)")
+    models = train.add_subparsers(dest="model", required=True)
+    two_tower = models.add_parser("two-tower", help="two-tower retrieval model; vectors into Milvus")
+    train_two_tower.build_parser(two_tower)
+    two_tower.set_defaults(func=lambda a: _print_summary(train_two_tower.run(train_two_tower.config_from_args(a))))
 
     rules = sub.add_parser("rules", help="mine frequently-bought-together rules from events (FP-Growth)")
     mine_rules.build_parser(rules)
