@@ -70,7 +70,9 @@ def _registry() -> dict[str, ModelEntry]:
         "mean-profile": ModelEntry(MeanProfileRecommender, needs_vectors=True),
         "session": ModelEntry(SessionRecommender, needs_vectors=True),
         "two-tower": ModelEntry(TwoTowerRecommender, needs_vectors=True),
-        "blend": ModelEntry(lambda: TunedBlend([lambda: EASE(250.0), lambda: ItemKNN(200)])),
+        "blend-cf": ModelEntry(lambda: TunedBlend([lambda: EASE(250.0), lambda: ItemKNN(200)], name="blend-cf")),
+        "blend": ModelEntry(lambda: TunedBlend([lambda: EASE(250.0), lambda: ItemKNN(200), TwoTowerRecommender]),
+                            needs_vectors=True),
     }
 
 
