@@ -43,3 +43,7 @@ class NotFoundError(VitrineError, KeyError):
 
 class EmptyProfileError(VitrineError, ValueError):
     """A user has no event that says anything about their taste (or their likes and dislikes cancel out)."""
+
+
+class TrainingFailedError(VitrineError):
+    """A training job did not finish: Ray Train gave up after ``max_failures`` restarts (the cause is chained)."""

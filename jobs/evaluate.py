@@ -28,9 +28,9 @@ from common.errors import ConfigError
 from common.evaluation import ModelReport, basket_queries, evaluate_baskets, evaluate_users
 from common.events import EventWeights, load_events, user_segments
 from common.fashion_mnist import cache_dir
+from common.graphsage import GraphSAGERecommender
 from common.interactions import TrainData, build_interactions, last_basket_split, temporal_split
 from common.profiles import MeanProfileRecommender, SessionRecommender
-from common.two_tower import TwoTowerRecommender
 from common.recommenders.blend import TunedBlend
 from common.recommenders.bought_together import BasketCompletion, BuyAgain, RulesRecommender
 from common.recommenders.content import ContentKNN
@@ -38,6 +38,7 @@ from common.recommenders.cooccurrence import CoOccurrence
 from common.recommenders.ease import EASE
 from common.recommenders.neighbours import ItemKNN, UserKNN
 from common.recommenders.popularity import Popularity
+from common.two_tower import TwoTowerRecommender
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def _registry() -> dict[str, ModelEntry]:
         "mean-profile": ModelEntry(MeanProfileRecommender, needs_vectors=True),
         "session": ModelEntry(SessionRecommender, needs_vectors=True),
         "two-tower": ModelEntry(TwoTowerRecommender, needs_vectors=True),
+        "graphsage": ModelEntry(GraphSAGERecommender, needs_vectors=True),
         "blend-cf": ModelEntry(lambda: TunedBlend([lambda: EASE(250.0), lambda: ItemKNN(200)], name="blend-cf")),
         "blend": ModelEntry(lambda: TunedBlend([lambda: EASE(250.0), lambda: ItemKNN(200), TwoTowerRecommender]),
                             needs_vectors=True),

@@ -35,7 +35,7 @@ from common.config import (
 )
 from common.datasets import DATASETS, item_table_ids, load_dataset
 from common.embedding_cache import vector_column
-from common.errors import ConfigError, NotFoundError, VitrineError
+from common.errors import ConfigError, NotFoundError, TrainingFailedError
 from common.events import EventWeights, load_events, user_segments
 from common.interactions import TrainData, build_interactions
 from common.item_index import VECTOR_KINDS, check_base_name
@@ -61,10 +61,6 @@ _STATE = "state.pt"  # the file inside each Ray Train checkpoint
 
 def default_events() -> str:
     return str(Path(default_catalog()).parent / "events.parquet")
-
-
-class TrainingFailedError(VitrineError):
-    """Training did not finish (a worker kept failing past ``max_failures``)."""
 
 
 class InjectedFailure(RuntimeError):

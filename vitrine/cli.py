@@ -95,7 +95,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import align_encoder, build_profiles, embed_catalog, evaluate, mine_rules, train_two_tower
+    from jobs import (
+        align_encoder,
+        build_profiles,
+        embed_catalog,
+        evaluate,
+        mine_rules,
+        train_graphsage,
+        train_two_tower,
+    )
 
     parser = argparse.ArgumentParser(prog="vitrine", description="Multimodal product recommendations on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -129,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     two_tower = models.add_parser("two-tower", help="two-tower retrieval model; vectors into Milvus")
     train_two_tower.build_parser(two_tower)
     two_tower.set_defaults(func=lambda a: _print_summary(train_two_tower.run(train_two_tower.config_from_args(a))))
+    graphsage = models.add_parser("graphsage", help="GraphSAGE on the user-item graph; vectors into Milvus")
+    train_graphsage.build_parser(graphsage)
+    graphsage.set_defaults(func=lambda a: _print_summary(train_graphsage.run(train_graphsage.config_from_args(a))))
 
     rules = sub.add_parser("rules", help="mine frequently-bought-together rules from events (FP-Growth)")
     mine_rules.build_parser(rules)
