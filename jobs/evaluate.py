@@ -208,7 +208,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     for name, entry in _registry().items():
         if cfg.models and name not in cfg.models:
             continue
-        why = ("not an item-to-item model" if protocol not in entry.protocols else
+        why = (f"does not answer the {protocol} protocol" if protocol not in entry.protocols else
                "no item text to encode" if entry.needs_vectors and vectors is None else
                "no user features" if entry.needs_segments and segments is None else None)
         if why:
