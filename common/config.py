@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +43,27 @@ def default_catalog() -> str:
 def default_events() -> str:
     """The shipped sample's synthetic shoppers (events.parquet beside the sample catalogue)."""
     return str(Path(default_catalog()).parent / "events.parquet")
+
+
+def values_from_args(args: Any, fields: Iterable[str], nested: Mapping[str, Iterable[str]] | None = None,
+                     uris: Iterable[str] = ()) -> dict[str, Any]:
+    """Config values for a job: the YAML file named by ``args.config`` (if any) overlaid with every flag given.
+
+    ``fields`` are top-level flags; ``nested[section]`` are flags of that section's mapping; the local paths
+    among ``uris`` are made absolute (so Ray workers see the same folders).
+    """
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+
+    def given(names: Iterable[str]) -> dict[str, Any]:
+        return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+    values.update(given(fields))
+    for section, names in (nested or {}).items():
+        values[section] = {**dict(values.get(section) or {}), **given(names)}
+    for key in uris:
+        if values.get(key):
+            values[key] = resolve_uri(values[key])
+    return values
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from common.alignment import (
     zero_shot_accuracy,
 )
 from common.artifacts import ArtifactStore
-from common.config import default_artifacts_uri, from_mapping, load_yaml, resolve_uri
+from common.config import default_artifacts_uri, from_mapping, resolve_uri, values_from_args
 from common.encoder import EncoderConfig, ItemEncoder
 from common.errors import ConfigError
 from common.model_assets import ALIGNED_MODEL_NAME, BASE_MODEL_NAME, PRESETS, ensure_model
@@ -385,15 +385,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def config_from_args(args: argparse.Namespace) -> AlignConfig:
-    values = load_yaml(args.config) if args.config else {}
-    train = dict(values.pop("train", {}) or {})
-    for flag, key in (("batch_size", "batch_size"), ("lr", "lr"), ("text_identity_weight", "text_identity_weight")):
-        if getattr(args, flag) is not None:
-            train[key] = getattr(args, flag)
-    for key in ("name", "base_model", "per_class", "epochs", "val_per_class", "workers", "precision", "artifacts_uri",
-                "export_heads", "ray_address"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    values = values_from_args(args, ("name", "base_model", "per_class", "epochs", "val_per_class", "workers",
+                                     "precision", "artifacts_uri", "export_heads", "ray_address"),
+                              {"train": ("batch_size", "lr", "text_identity_weight")})
+    train = values.pop("train")
     cfg = from_mapping(AlignConfig, values)
     return dataclasses.replace(cfg, train=from_mapping(TrainSettings, train)) if train else cfg
 

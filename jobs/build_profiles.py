@@ -28,14 +28,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from common.artifacts import ArtifactStore
-from common.config import (
-    default_artifacts_uri,
-    default_events,
-    default_store_uri,
-    from_mapping,
-    load_yaml,
-    resolve_uri,
-)
+from common.config import default_artifacts_uri, default_events, default_store_uri, from_mapping, values_from_args
 from common.errors import ConfigError, NotFoundError
 from common.events import EventWeights, load_events
 from common.item_index import VECTOR_COLUMNS, VECTOR_KINDS, check_base_name
@@ -222,20 +215,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def config_from_args(args: argparse.Namespace) -> ProfilesConfig:
-    values = load_yaml(args.config) if args.config else {}
-    for name in ("events", "collection", "store_uri", "artifacts_uri", "kind", "prune"):
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    profile = dict(values.get("profile") or {})
-    for flag, key in (("w_pos", "w_pos"), ("w_neg", "w_neg")):
-        if getattr(args, flag, None) is not None:
-            profile[key] = getattr(args, flag)
-    values["profile"] = profile
+    values = values_from_args(args, ("events", "collection", "store_uri", "artifacts_uri", "kind", "prune"),
+                              {"profile": ("w_pos", "w_neg")}, uris=("store_uri", "artifacts_uri", "events"))
     if "weights" in values:
         values["weights"] = EventWeights.from_mapping(values["weights"])  # missing events keep their defaults
-    for key in ("store_uri", "artifacts_uri", "events"):
-        if key in values:
-            values[key] = resolve_uri(values[key])
     return from_mapping(ProfilesConfig, values)
 
 

@@ -21,7 +21,7 @@ from fsspec.core import url_to_fs
 
 from common.artifacts import ArtifactStore
 from common.catalog import CATALOG_FIELDS, catalog_base_dir, read_catalog, validate_catalog
-from common.config import default_artifacts_uri, default_catalog, default_store_uri, from_mapping, load_yaml, resolve_uri
+from common.config import default_artifacts_uri, default_catalog, default_store_uri, from_mapping, values_from_args
 from common.embedding_cache import EmbeddingCache
 from common.encoder import EncoderConfig, ItemEncoder
 from common.errors import ConfigError
@@ -308,19 +308,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def config_from_args(args: argparse.Namespace) -> EmbedConfig:
-    values = load_yaml(args.config) if args.config else {}
-    for name in ("catalog", "collection", "store_uri", "artifacts_uri", "batch_size", "encoders",
-                 "gpus_per_encoder", "index", "prune", "recreate", "ray_address"):
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    enc = dict(values.get("encoder") or {})
-    for name in ("model", "pretrained", "precision"):
-        if getattr(args, name, None) is not None:
-            enc[name] = getattr(args, name)
-    values["encoder"] = enc
-    for key in ("store_uri", "artifacts_uri", "catalog"):
-        if key in values:
-            values[key] = resolve_uri(values[key])
+    values = values_from_args(args, ("catalog", "collection", "store_uri", "artifacts_uri", "batch_size", "encoders",
+                                     "gpus_per_encoder", "index", "prune", "recreate", "ray_address"),
+                              {"encoder": ("model", "pretrained", "precision")},
+                              uris=("store_uri", "artifacts_uri", "catalog"))
     return from_mapping(EmbedConfig, values)
 
 

@@ -20,7 +20,7 @@ from fsspec.core import url_to_fs
 
 from common.artifacts import ArtifactStore
 from common.catalog import ids_as_str, read_table
-from common.config import default_artifacts_uri, default_events, from_mapping, load_yaml, resolve_uri
+from common.config import default_artifacts_uri, default_events, from_mapping, values_from_args
 from common.errors import ConfigError, SchemaError
 from common.events import load_events
 from common.rules import (
@@ -175,16 +175,8 @@ RULES_FLAGS = ("min_support", "min_confidence", "min_lift", "max_len", "min_item
 
 
 def config_from_args(args: argparse.Namespace) -> MineRulesConfig:
-    values = load_yaml(args.config) if args.config else {}
-    for name in ("events", "artifacts_uri", "name", "level", "catalog", "max_neighbours"):
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    rules = dict(values.get("rules") or {})
-    rules.update({k: getattr(args, k) for k in RULES_FLAGS if getattr(args, k, None) is not None})
-    values["rules"] = rules
-    for key in ("events", "artifacts_uri", "catalog"):
-        if values.get(key):
-            values[key] = resolve_uri(values[key])
+    values = values_from_args(args, ("events", "artifacts_uri", "name", "level", "catalog", "max_neighbours"),
+                              {"rules": RULES_FLAGS}, uris=("events", "artifacts_uri", "catalog"))
     return from_mapping(MineRulesConfig, values)
 
 

@@ -24,14 +24,7 @@ import torch
 from fsspec.core import url_to_fs
 
 from common.artifacts import ArtifactStore
-from common.config import (
-    default_artifacts_uri,
-    default_catalog,
-    default_store_uri,
-    from_mapping,
-    load_yaml,
-    resolve_uri,
-)
+from common.config import default_artifacts_uri, default_catalog, default_store_uri, from_mapping, values_from_args
 from common.errors import ConfigError, NotFoundError, TrainingFailedError
 from common.events import EventWeights, load_events
 from common.graph_sampler import BipartiteGraph, make_sampler
@@ -323,19 +316,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def config_from_args(args: argparse.Namespace) -> TrainGraphSAGEConfig:
-    values = load_yaml(args.config) if args.config else {}
-    for name in ("events", "collection", "vector_kind", "item_vectors", "store_uri", "artifacts_uri", "num_workers",
-                 "use_gpu", "max_failures", "storage_path", "ray_address"):
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    model = {**dataclasses.asdict(TrainGraphSAGEConfig().model), **dict(values.get("model") or {})}
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name, None) is not None:
-            model[name] = getattr(args, name)
-    values["model"] = model
-    for key in ("store_uri", "artifacts_uri", "events", "item_vectors", "storage_path"):
-        if values.get(key):
-            values[key] = resolve_uri(values[key])
+    values = values_from_args(args, ("events", "collection", "vector_kind", "item_vectors", "store_uri",
+                                     "artifacts_uri", "num_workers", "use_gpu", "max_failures", "storage_path",
+                                     "ray_address"),
+                              {"model": ("epochs", "batch_size")},
+                              uris=("store_uri", "artifacts_uri", "events", "item_vectors", "storage_path"))
+    values["model"] = {**dataclasses.asdict(TrainGraphSAGEConfig().model), **values["model"]}
     return from_mapping(TrainGraphSAGEConfig, values)
 
 

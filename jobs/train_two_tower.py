@@ -25,14 +25,7 @@ import torch
 from fsspec.core import url_to_fs
 
 from common.artifacts import ArtifactStore
-from common.config import (
-    default_artifacts_uri,
-    default_catalog,
-    default_store_uri,
-    from_mapping,
-    load_yaml,
-    resolve_uri,
-)
+from common.config import default_artifacts_uri, default_catalog, default_store_uri, from_mapping, values_from_args
 from common.datasets import DATASETS, item_table_ids, load_dataset
 from common.embedding_cache import vector_column
 from common.errors import ConfigError, NotFoundError, TrainingFailedError
@@ -362,19 +355,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def config_from_args(args: argparse.Namespace) -> TrainTwoTowerConfig:
-    values = load_yaml(args.config) if args.config else {}
-    for name in ("events", "dataset", "users", "collection", "content", "content_kind", "workers", "use_gpu",
-                 "max_failures", "store_uri", "artifacts_uri", "ray_address"):
-        if getattr(args, name, None) is not None:
-            values[name] = getattr(args, name)
-    model = dict(values.get("model") or {})
-    for name in ("epochs", "loss", "dim"):
-        if getattr(args, name, None) is not None:
-            model[name] = getattr(args, name)
-    values["model"] = from_mapping(TwoTowerConfig, model)
-    for key in ("events", "users", "store_uri", "artifacts_uri"):
-        if values.get(key):
-            values[key] = resolve_uri(values[key])
+    values = values_from_args(args, ("events", "dataset", "users", "collection", "content", "content_kind", "workers",
+                                     "use_gpu", "max_failures", "store_uri", "artifacts_uri", "ray_address"),
+                              {"model": ("epochs", "loss", "dim")}, uris=("events", "users", "store_uri", "artifacts_uri"))
+    values["model"] = from_mapping(TwoTowerConfig, values["model"])
     return from_mapping(TrainTwoTowerConfig, values)
 
 
