@@ -153,8 +153,14 @@ def embed(heads: nn.Module, visual: np.ndarray | None = None, text: np.ndarray |
 
 
 def precision_at_k(vectors: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
-    """Mean share of same-class items among each item's ``k`` nearest others by cosine (self excluded)."""
+    """Mean share of same-class items among each item's ``k`` nearest others by cosine (self excluded).
+
+    With ``k`` or fewer items (a tiny validation split) every other item counts; with one item it is 0.
+    """
     v = np.asarray(vectors, np.float32)
+    k = min(k, len(v) - 1)
+    if k < 1:
+        return 0.0
     v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     sim = v @ v.T
     np.fill_diagonal(sim, -np.inf)

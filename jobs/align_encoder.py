@@ -60,6 +60,7 @@ STATE_FILE = "state.pt"  # inside each Ray Train checkpoint
 class AlignConfig:
     name: str = ALIGNED_MODEL_NAME  # artifact name: <artifacts>/models/<name>/<version>/ is the model folder
     base_model: str = BASE_MODEL_NAME  # the preset whose frozen towers are aligned
+    catalog: str | None = None  # align on this catalogue's own pairs (jobs/align_data.py) instead of Fashion-MNIST
     per_class: int = 2000  # Fashion-MNIST train images per class used as pairs (at most 6000)
     eval_per_class: int = 200  # first test images per class for the before/after metrics
     seed: int = 0  # train subset, generated texts, head initialisation and shuffling
@@ -110,6 +111,7 @@ class AlignData:
     val_labels: np.ndarray  # [V] their class labels
     prompts: np.ndarray  # [C, D] frozen text vectors of the zero-shot prompts, in label order
     encoder_identity: str  # the frozen towers' identity (the feature cache key)
+    prompt_texts: tuple[str, ...] = ()  # the zero-shot prompts behind ``prompts`` (default: the Fashion-MNIST ones)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,10 @@ def build_data(cfg: AlignConfig) -> AlignData:
 
     encoder = ItemEncoder(EncoderConfig(model=cfg.base_model, precision=cfg.precision))
     folder = Path(cfg.features_dir) if cfg.features_dir else cache_dir() / "features" / "alignment"
+    if cfg.catalog:
+        from jobs.align_data import catalog_data
+
+        return catalog_data(cfg.catalog, encoder, folder, PROMPT)
     images, texts = training_pairs(cfg.per_class, cfg.seed)
     train = cached_features(folder, encoder.identity, images, texts,
                             lambda: encode_features(encoder, images, texts))
@@ -294,7 +300,7 @@ def verify_folder(folder: Path, heads: AlignmentHeads, data: AlignData) -> float
     """Load ``folder`` with ItemEncoder; the min cosine of its prompt vectors to the heads' (must be ~1)."""
     encoder = ItemEncoder(EncoderConfig(model=f"local-dir:{folder}", precision="fp32", device="cpu"))
     expected = embed(heads, text=data.prompts)
-    worst = float((encoder.encode_texts(class_prompts()) * expected).sum(-1).min())
+    worst = float((encoder.encode_texts(list(data.prompt_texts or class_prompts())) * expected).sum(-1).min())
     if worst < 0.99:
         raise ConfigError(f"the written model {folder} does not reproduce the trained heads (cosine {worst:.4f})")
     return worst
@@ -317,18 +323,22 @@ def run(cfg: AlignConfig = AlignConfig(), data: AlignData | None = None) -> Alig
     manifest = {
         "name": cfg.name, "version": version, "base_model": cfg.base_model,
         "frozen_towers": data.encoder_identity, "config": dataclasses.asdict(cfg),
-        "trained_on": {"data": "Fashion-MNIST train split (real photos)", "pairs": len(data.visual),
-                       "texts": "generated catalogue texts (common.sample_catalog, read as jobs.embed_stages.item_text)"},
-        "evaluated_on": {"data": "Fashion-MNIST test split", "images": len(data.eval_labels),
-                         "prompt": PROMPT},
+        "trained_on": {"data": (f"catalogue {cfg.catalog}: items hashed into the train split" if cfg.catalog
+                                else "Fashion-MNIST train split (real photos)"), "pairs": len(data.visual),
+                       "texts": ("jobs.embed_stages.item_text" if cfg.catalog else "generated catalogue texts "
+                                 "(common.sample_catalog, read as jobs.embed_stages.item_text)")},
+        "evaluated_on": {"data": (f"catalogue {cfg.catalog}: test-split items, category labels" if cfg.catalog
+                                  else "Fashion-MNIST test split"), "images": len(data.eval_labels), "prompt": PROMPT},
         "before": before, "after": after, "epochs": int(metrics["epoch"]),
         "resumed_from_epoch": int(metrics["start_epoch"]), "final_loss": float(metrics["loss"]),
         "best_epoch": int(metrics["best_epoch"]), "validation_score": round(float(metrics["best_score"]), 4),
-        "validated_on": {"data": "Fashion-MNIST train split, photos outside the pairs", "images": len(data.val_labels),
+        "validated_on": {"data": "validation-split items of the catalogue" if cfg.catalog else
+                         "Fashion-MNIST train split, photos outside the pairs", "images": len(data.val_labels),
                          "score": "mean of zero-shot accuracy and same-class P@10; picks the epoch kept"},
         "temperature": 1.0 / scale, "train_seconds": round(train_seconds, 1),
     }
-    write_aligned_model(ensure_model(cfg.base_model), heads.export(), folder, {"preset": cfg.name, "training": manifest})
+    write_aligned_model(ensure_model(cfg.base_model), heads.export(), folder,
+                        {"preset": cfg.name, "training": manifest})
     from safetensors.torch import save_file
 
     save_file(heads.export(), str(folder / HEADS_FILE))
@@ -370,6 +380,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--config", help="YAML file with AlignConfig settings (flags override it)")
     p.add_argument("--name", help=f"model name (default: {ALIGNED_MODEL_NAME})")
     p.add_argument("--base-model", help=f"preset whose towers are aligned (default: {BASE_MODEL_NAME})")
+    p.add_argument("--catalog", help="align on this catalogue's own (image, text) pairs instead of Fashion-MNIST")
     p.add_argument("--per-class", type=int, help="Fashion-MNIST train images per class (default 2000)")
     p.add_argument("--epochs", type=int, help="epochs (default 12; the best on validation is kept)")
     p.add_argument("--val-per-class", type=int, help="validation photos per class choosing the epoch (default 200)")
@@ -385,9 +396,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def config_from_args(args: argparse.Namespace) -> AlignConfig:
-    values = values_from_args(args, ("name", "base_model", "per_class", "epochs", "val_per_class", "workers",
+    values = values_from_args(args, ("catalog", "name", "base_model", "per_class", "epochs", "val_per_class", "workers",
                                      "precision", "artifacts_uri", "export_heads", "ray_address"),
-                              {"train": ("batch_size", "lr", "text_identity_weight")})
+                              {"train": ("batch_size", "lr", "text_identity_weight")}, uris=("catalog",))
     train = values.pop("train")
     cfg = from_mapping(AlignConfig, values)
     return dataclasses.replace(cfg, train=from_mapping(TrainSettings, train)) if train else cfg

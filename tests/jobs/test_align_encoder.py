@@ -80,3 +80,58 @@ def test_too_few_pairs_per_worker_is_a_config_error(ray_local, tmp_path, data):
 def test_config_validation_echoes_the_bad_value(kwargs, echoed):
     with pytest.raises(ConfigError, match=echoed):
         AlignConfig(**kwargs)
+
+
+def test_a_catalogue_splits_its_items_by_id_and_leaves_out_bad_images(tmp_path):
+    import pandas as pd
+
+    from common.config import default_catalog
+    from jobs.align_data import catalog_pairs, split_of
+
+    sample = pd.read_parquet(default_catalog())
+    rows = sample.groupby("category").head(3).copy()
+    rows["image"] = [str(Path(default_catalog()).parent / r) for r in rows["image"]]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    rows.iloc[0, rows.columns.get_loc("image")] = str(broken)
+    rows.to_parquet(tmp_path / "catalog.parquet")
+    pairs = catalog_pairs(str(tmp_path / "catalog.parquet"), 64)
+    assert pairs.skipped == 1 and len(pairs.texts) == len(rows) - 1 == len(pairs.labels)
+    assert pairs.pixels.shape == (len(rows) - 1, 64, 64, 3) and len(pairs.categories) == 10
+    assert split_of("fm-000001") == split_of("fm-000001") and set(pairs.split) <= {"train", "val", "test"}
+    shares = pd.Series([split_of(f"item-{i}") for i in range(5000)]).value_counts(normalize=True)
+    assert abs(shares["train"] - 0.8) < 0.03 and abs(shares["test"] - 0.1) < 0.02
+
+
+def test_a_catalogue_with_one_category_is_refused(tmp_path):
+    import pandas as pd
+
+    from common.config import default_catalog
+    from jobs.align_data import catalog_pairs
+
+    sample = pd.read_parquet(default_catalog())
+    rows = sample[sample["category"] == "Bag"].head(4).copy()
+    rows["image"] = [str(Path(default_catalog()).parent / r) for r in rows["image"]]
+    rows.to_parquet(tmp_path / "catalog.parquet")
+    with pytest.raises(ConfigError, match="at least 2 categories"):
+        catalog_pairs(str(tmp_path / "catalog.parquet"), 32)
+
+
+def test_the_job_aligns_on_a_catalogue_file(ray_local, tmp_path):
+    import pandas as pd
+
+    from common.config import default_catalog
+
+    sample = pd.read_parquet(default_catalog())
+    rows = sample.groupby("category").head(8).copy()
+    rows["image"] = [str(Path(default_catalog()).parent / r) for r in rows["image"]]
+    rows.to_parquet(tmp_path / "catalog.parquet")
+    cfg = AlignConfig(catalog=str(tmp_path / "catalog.parquet"), name="shop-aligned", artifacts_uri=str(tmp_path),
+                      features_dir=str(tmp_path / "features"), epochs=1, workers=2, precision="fp32",
+                      train=TrainSettings(batch_size=8, lr=1e-2))
+    result = run(cfg)
+    manifest = json.loads((Path(result.model_dir) / MANIFEST_FILE).read_text())
+    assert "catalogue" in manifest["trained_on"]["data"] and manifest["verify_min_cosine"] > 0.99
+    assert result.pairs + len(manifest["evaluated_on"]) > 0 and result.pairs < len(rows)  # test items held out
+    encoder = ItemEncoder(EncoderConfig(model=f"local-dir:{result.model_dir}", precision="fp32", device="cpu"))
+    assert encoder.identity.startswith("shop-aligned@")
