@@ -21,7 +21,14 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         log.info("starting a local Ray instance in this process")
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        except RuntimeError as e:  # seen once on a loaded 2-core machine: the GCS port file came too late
+            if "Timed out waiting for file" not in str(e):
+                raise
+            log.warning("the local Ray start timed out (%s); retrying once", str(e).splitlines()[0][:160])
+            ray.shutdown()
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
 
 
 def cluster_gpus() -> float:
