@@ -75,7 +75,7 @@ class _BF16Weights(torch.nn.Module):
 
 
 def _nchw_forward_class() -> type:
-    from common.encoder import ImageForward
+    from common.image_forward import ImageForward
 
     class NCHWForward(ImageForward):
         """The encoder's forward with plain NCHW activations (the layout before channels_last)."""
@@ -92,7 +92,7 @@ def _nchw_forward_class() -> type:
 
 def build_variant(name: str, encoder: Any, sample: torch.Tensor) -> Callable:
     """A callable uint8 NHWC tensor -> (visual, image) for the named variant."""
-    from common.encoder import ImageForward, fast_copy, fold_batchnorm
+    from common.image_forward import ImageForward, fast_copy, fold_batchnorm
 
     _NCHWForward = _nchw_forward_class()
 

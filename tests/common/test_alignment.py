@@ -19,7 +19,7 @@ from common.alignment import (
     train_epoch,
     zero_shot_accuracy,
 )
-from common.encoder import LinearHead
+from common.image_forward import LinearHead
 from common.errors import ConfigError
 
 
