@@ -16,8 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_geometric.nn import SAGEConv
-from torch_geometric.utils import to_torch_csr_tensor
 
 from common.errors import ConfigError
 from common.graph_sampler import BipartiteGraph, SamplerFn, drop_edges, make_sampler
@@ -81,6 +79,8 @@ class GraphSAGE(nn.Module):
         if self.node_emb is not None:
             nn.init.normal_(self.node_emb.weight, std=0.1)
         widths = [cfg.hidden] * len(cfg.fanouts) + [cfg.dim]
+        from torch_geometric.nn import SAGEConv  # lazy: PyG takes ~2 s to import, the CLI should not wait
+
         self.convs = nn.ModuleList(SAGEConv(a, b) for a, b in pairwise(widths))
         self.dropout = cfg.dropout
 
@@ -102,6 +102,8 @@ class GraphSAGE(nn.Module):
 def adjacency(edge_index: torch.Tensor, n_nodes: int) -> torch.Tensor:
     """``edge_index`` (source -> target) as the transposed sparse CSR adjacency SAGEConv aggregates with one
     sparse-dense product: about twice as fast as its scatter path on CPU (no duplicate edges, so equal results)."""
+    from torch_geometric.utils import to_torch_csr_tensor
+
     return to_torch_csr_tensor(edge_index.flip(0), size=(n_nodes, n_nodes))
 
 
