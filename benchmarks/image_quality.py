@@ -18,44 +18,15 @@ from typing import Any
 import numpy as np
 
 from common import fashion_mnist
-
-PROMPT = "a photo of a {}."
-_PROMPT_NAMES = {"T-shirt/top": "t-shirt"}  # the rest are lower-cased as they are
-
-
-def class_prompts() -> list[str]:
-    """One prompt per Fashion-MNIST class, in label order."""
-    return [PROMPT.format(_PROMPT_NAMES.get(c, c.lower())) for c in fashion_mnist.CLASS_NAMES]
-
-
-def stratified_test_set(per_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``per_class`` test images of each class (deterministic), grouped by class."""
-    images, labels = fashion_mnist.load("test")
-    idx = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(fashion_mnist.CLASS_NAMES))])
-    return images[idx], labels[idx]
-
-
-def precision_at_k(vectors: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
-    """Mean share of same-class items among each item's ``k`` nearest others by cosine."""
-    v = vectors.astype(np.float32)
-    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-    sim = v @ v.T
-    np.fill_diagonal(sim, -np.inf)
-    top = np.argpartition(-sim, k, axis=1)[:, :k]
-    return float((labels[top] == labels[:, None]).mean())
-
-
-def zero_shot_accuracy(image_vectors: np.ndarray, prompt_vectors: np.ndarray, labels: np.ndarray) -> float:
-    """Share of images whose nearest prompt is their own class's."""
-    return float(((image_vectors @ prompt_vectors.T).argmax(1) == labels).mean())
-
+from common.alignment import precision_at_k, zero_shot_accuracy
+from jobs.align_encoder import class_prompts, eval_split
 
 def run(per_class: int, precision: str, batch: int, invert: bool) -> dict[str, Any]:
     from PIL import Image
 
     from common.encoder import EncoderConfig, ItemEncoder
 
-    images, labels = stratified_test_set(per_class)
+    images, labels = eval_split(per_class)
     if invert:  # Fashion-MNIST is light-on-black; catalogue photos are mostly dark-on-white
         images = 255 - images
     encoder = ItemEncoder(EncoderConfig(precision=precision))
