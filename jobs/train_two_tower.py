@@ -245,7 +245,7 @@ def _fit(cfg: TrainTwoTowerConfig, inputs: TowerInputs, version: str, use_gpu: b
     )
     try:
         return trainer.fit()
-    except Exception as e:  # ray.train.TrainingFailedError and what Ray wraps it in
+    except ray.train.TrainingFailedError as e:  # worker and controller errors, after max_failures restarts
         raise TrainingFailedError(f"two-tower training failed after {cfg.max_failures} restart(s): {e}") from e
 
 
