@@ -306,7 +306,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--store", dest="store_uri", help="vector store: a folder (Milvus Lite) or http://host:19530")
     p.add_argument("--artifacts", dest="artifacts_uri", help="artifact store folder or URI")
     p.add_argument("--workers", dest="num_workers", type=int, help="Ray Train workers (default 2)")
-    p.add_argument("--gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--use-gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--max-failures", type=int, help="restarts from the last checkpoint (default 2)")
     p.add_argument("--storage-path", help="Ray Train run storage (default: under the artifact store)")
     p.add_argument("--epochs", type=int)
