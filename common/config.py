@@ -40,6 +40,11 @@ def default_catalog() -> str:
     return str(Path(__file__).resolve().parent.parent / "data" / "sample" / "catalog.parquet")
 
 
+def cache_dir() -> Path:
+    """Where Vitrine keeps fetched data sets and assembled models (``VITRINE_CACHE`` or ~/.cache/vitrine)."""
+    return Path(os.environ.get("VITRINE_CACHE", Path.home() / ".cache" / "vitrine"))
+
+
 def default_events() -> str:
     """The shipped sample's synthetic shoppers (events.parquet beside the sample catalogue)."""
     return str(Path(default_catalog()).parent / "events.parquet")

@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.config import default_catalog
+from common.config import cache_dir, default_catalog
 from common.errors import ConfigError, VitrineError
 from common.events import EVENTS_SCHEMA, validate_events
-from common.fashion_mnist import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.config import cache_dir
 from common.errors import VitrineError
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,6 @@ _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-
-
-def cache_dir() -> Path:
-    """Where Vitrine keeps fetched data sets and assembled models (``VITRINE_CACHE`` or ~/.cache/vitrine)."""
-    return Path(os.environ.get("VITRINE_CACHE", Path.home() / ".cache" / "vitrine"))
 
 
 def _candidates() -> list[Path]:

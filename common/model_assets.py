@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import cache_dir
 from common.errors import ConfigError, ModelUnavailableError
-from common.fashion_mnist import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -169,7 +169,7 @@ def validation_split(per_class: int, seed: int, val_per_class: int) -> tuple[np.
 
 def build_data(cfg: AlignConfig) -> AlignData:
     """Frozen-tower features of the pairs and the test split, each computed once per content and cached."""
-    from common.fashion_mnist import cache_dir
+    from common.config import cache_dir
 
     encoder = ItemEncoder(EncoderConfig(model=cfg.base_model, precision=cfg.precision))
     folder = Path(cfg.features_dir) if cfg.features_dir else cache_dir() / "features" / "alignment"

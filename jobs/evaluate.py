@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.config import cache_dir
 from common.datasets import DATASETS, EvalDataset, item_table_ids, load_dataset
 from common.errors import ConfigError
 from common.evaluation import ModelReport, basket_queries, evaluate_baskets, evaluate_users
 from common.events import EventWeights, load_events, user_segments
-from common.fashion_mnist import cache_dir
 from common.graphsage import GraphSAGERecommender
 from common.interactions import TrainData, build_interactions, last_basket_split, temporal_split
 from common.profiles import MeanProfileRecommender, SessionRecommender
