@@ -109,9 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    embed = sub.add_parser("embed", help="embed a catalogue into the vector store (Ray Data job)")
-    embed_catalog.build_parser(embed)
-    embed.set_defaults(func=lambda a: _run_embed(a))
+    _add_job(sub, "embed", embed_catalog, "embed a catalogue into the vector store (Ray Data job)")
 
     similar = sub.add_parser("similar", help="items similar to an item")
     similar.add_argument("item_id")
@@ -128,26 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     _store_args(search)
     search.set_defaults(func=cmd_search)
 
-    align = sub.add_parser("align", help="align the encoder's towers on catalogue pairs (Ray Train, LiT heads)")
-    align_encoder.build_parser(align)
-    align.set_defaults(func=lambda a: _print_summary(align_encoder.run(align_encoder.config_from_args(a))))
+    _add_job(sub, "align", align_encoder, "align the encoder's towers on catalogue pairs (Ray Train, LiT heads)")
 
     train = sub.add_parser("train", help="train a learned recommender on events (Ray Train)")
     models = train.add_subparsers(dest="model", required=True)
-    two_tower = models.add_parser("two-tower", help="two-tower retrieval model; vectors into Milvus")
-    train_two_tower.build_parser(two_tower)
-    two_tower.set_defaults(func=lambda a: _print_summary(train_two_tower.run(train_two_tower.config_from_args(a))))
-    graphsage = models.add_parser("graphsage", help="GraphSAGE on the user-item graph; vectors into Milvus")
-    train_graphsage.build_parser(graphsage)
-    graphsage.set_defaults(func=lambda a: _print_summary(train_graphsage.run(train_graphsage.config_from_args(a))))
-
-    rules = sub.add_parser("rules", help="mine frequently-bought-together rules from events (FP-Growth)")
-    mine_rules.build_parser(rules)
-    rules.set_defaults(func=lambda a: _print_summary(mine_rules.run(mine_rules.config_from_args(a))))
-
-    profiles = sub.add_parser("profiles", help="build user profile vectors (mean item embeddings) into the store")
-    build_profiles.build_parser(profiles)
-    profiles.set_defaults(func=lambda a: _print_summary(build_profiles.run(build_profiles.config_from_args(a))))
+    _add_job(models, "two-tower", train_two_tower, "two-tower retrieval model; vectors into Milvus")
+    _add_job(models, "graphsage", train_graphsage, "GraphSAGE on the user-item graph; vectors into Milvus")
+    _add_job(sub, "rules", mine_rules, "mine frequently-bought-together rules from events (FP-Growth)")
+    _add_job(sub, "profiles", build_profiles, "build user profile vectors (mean item embeddings) into the store")
 
     ev = sub.add_parser("eval", help="compare every recommender on a public data set or an events file")
     evaluate.build_parser(ev)
@@ -167,17 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_summary(result) -> int:
-    print(result.summary())
-    return 0
+def _add_job(sub, name: str, job, help: str) -> None:
+    """A subcommand for a batch job module: its own flags; runs ``job.run`` and prints the one-line summary."""
+    p = sub.add_parser(name, help=help)
+    job.build_parser(p)
 
+    def run(args: argparse.Namespace) -> int:
+        print(job.run(job.config_from_args(args)).summary())
+        return 0
 
-def _run_embed(args: argparse.Namespace) -> int:
-    from jobs import embed_catalog
-
-    result = embed_catalog.run(embed_catalog.config_from_args(args))
-    print(result.summary())
-    return 0
+    p.set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:

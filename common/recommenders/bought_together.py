@@ -63,7 +63,9 @@ class BasketCompletion:
         self.name = "rules+history"
 
     def fit(self, data: TrainData) -> BasketCompletion:
-        from common.evaluation import basket_queries, rank_metrics, top_k
+        from common.evaluation import basket_queries  # lazy: common.evaluation imports the recommenders' base
+        from common.metrics import rank_metrics
+        from common.recommenders.base import top_k
 
         inter = data.interactions
         inner_train, inner_val = last_basket_split(data.events)
