@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_ITEM ?= fm-000299
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo test test-all bench quality eval milvus-stop clean
+.PHONY: install demo serve serve-stop test test-all bench quality eval milvus-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,17 @@ demo: install
 	$(VITRINE) similar $(DEMO_ITEM) -k 5 --filter 'price < 80 and in_stock == true'
 	@echo; echo "== vitrine search \"black ankle boots\" -k 5"
 	$(VITRINE) search "black ankle boots" -k 5
-	@echo; echo "The embedded Milvus server keeps running for later queries; stop it with: make milvus-stop"
+	@echo; echo "== vitrine train ranker (the service's learned reranker), then vitrine serve"
+	$(VITRINE) train ranker
+	$(MAKE) --no-print-directory serve
+
+# The recommendation service (Ray Serve on a local Ray head); it keeps running until `make serve-stop`.
+serve: install
+	$(VITRINE) serve
+
+serve-stop:
+	$(VITRINE) serve --stop
+	$(VITRINE) milvus stop
 
 test: install
 	$(PY) -m pytest -q

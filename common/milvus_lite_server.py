@@ -156,9 +156,9 @@ _SERVER_GRPC_OPTIONS = (
 )
 
 
-def _serve(data_dir: str, state_file: str, nonce: str) -> int:
+def _serve(data_dir: str, state_file: str, nonce: str, port: int = 0) -> int:
     """Body of the detached server: fork once more (so the starter's exit or cleanup cannot take it down),
-    print the server's pid for the starter, listen on a free loopback port, publish the state file, and serve
+    print the server's pid for the starter, listen on ``port`` (0: a free loopback port), publish the state file, and serve
     until SIGTERM/SIGINT, then drain and close the data directory."""
     child = os.fork()
     if child:
@@ -191,7 +191,7 @@ def _serve(data_dir: str, state_file: str, nonce: str) -> int:
     flusher = _AutoFlusher()
     _guard_servicer(MilvusServicer, _ReadWriteLock(), flusher)
 
-    server, db, port = lite_server.start_server_in_thread(data_dir=data_dir, host=LOOPBACK, port=0)
+    server, db, port = lite_server.start_server_in_thread(data_dir=data_dir, host=LOOPBACK, port=port)
     state = {
         "pid": os.getpid(), "port": port, "host": LOOPBACK, "data_dir": data_dir, "nonce": nonce,
         "started_at": time.time(), "milvus_lite_version": lite_version,
@@ -224,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--data-dir", required=True)
     serve.add_argument("--state-file", required=True)
     serve.add_argument("--nonce", required=True)
+    serve.add_argument("--port", type=int, default=0, help="loopback port (0: a free one)")
     args = parser.parse_args(argv)
-    return _serve(args.data_dir, args.state_file, args.nonce)
+    return _serve(args.data_dir, args.state_file, args.nonce, args.port)
 
 
 if __name__ == "__main__":

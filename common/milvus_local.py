@@ -90,8 +90,11 @@ def server_paths(data_dir: str | os.PathLike[str]) -> ServerPaths:
     )
 
 
-def ensure_server(data_dir: str | os.PathLike[str], *, timeout: float = 60.0) -> LocalServer:
+def ensure_server(data_dir: str | os.PathLike[str], *, timeout: float = 60.0, port: int = 0) -> LocalServer:
     """Return the live server for ``data_dir``, starting one (detached) when none runs.
+
+    ``port`` 0 picks a free loopback port; a fixed port lets clients hold an ``http://127.0.0.1:<port>`` URI
+    across restarts (a running server keeps the port it has).
 
     Race-free across processes: the check and the start happen under the directory's lock. A state file whose
     process is gone is replaced. Raises StoreUnavailableError (with the server log's tail) when the server does
@@ -116,7 +119,7 @@ def ensure_server(data_dir: str | os.PathLike[str], *, timeout: float = 60.0) ->
                 "Stale Milvus Lite state file %s: pid %d is gone; starting a new server", paths.state, pid
             )
             paths.state.unlink(missing_ok=True)
-        return _spawn(paths, deadline)
+        return _spawn(paths, deadline, port)
 
 
 def status(data_dir: str | os.PathLike[str]) -> ServerStatus:
@@ -169,7 +172,7 @@ def stop(data_dir: str | os.PathLike[str], *, timeout: float = 20.0) -> bool:
 # ---------------------------------------------------------------------------------------------- start-up
 
 
-def _spawn(paths: ServerPaths, deadline: float) -> LocalServer:
+def _spawn(paths: ServerPaths, deadline: float, port: int = 0) -> LocalServer:
     """Start a detached server (double fork, new session) and wait until it listens."""
     nonce = secrets.token_hex(8)
     package_root = str(Path(__file__).resolve().parent.parent)
@@ -177,7 +180,7 @@ def _spawn(paths: ServerPaths, deadline: float) -> LocalServer:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     cmd = [
         sys.executable, "-m", SERVER_MODULE, "serve",
-        "--data-dir", str(paths.data_dir), "--state-file", str(paths.state), "--nonce", nonce,
+        "--data-dir", str(paths.data_dir), "--state-file", str(paths.state), "--nonce", nonce, "--port", str(port),
     ]
     with open(paths.log, "ab") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} started by pid {os.getpid()}\n".encode())

@@ -280,6 +280,8 @@ class Recommendation(NamedTuple):
     item_id: str
     score: float  # rules in (2, 3), co-occurrence in [1, 2), popularity in [0, 1): higher = better
     reason: str  # the rule (with its confidence and lift) or the fallback that put the item here
+    lift: float | None = None  # the rule's lift (None for the co-occurrence and popularity fallbacks)
+    because: tuple[str, ...] = ()  # the query items the rule or co-occurrence starts from
 
 
 class BoughtTogether:
@@ -349,13 +351,19 @@ class BoughtTogether:
                       f"{self.rules.at[r, 'confidence']:.3f}, lift {self.rules.at[r, 'lift']:.2f})")
             for item in consequent:
                 if item not in banned and (item not in best or best[item].score < self._rule_score[r]):
-                    best[item] = Recommendation(item, self._rule_score[r], reason)
+                    best[item] = Recommendation(item, self._rule_score[r], reason,
+                                                float(self.rules.at[r, "lift"]), tuple(antecedent))
         together: Counter = Counter()
+        partners: dict[str, list[str]] = {}
         for q in sorted(query):
-            together.update({o: c for o, c in self._co.get(q, {}).items() if o not in banned and o not in best})
+            fresh = {o: c for o, c in self._co.get(q, {}).items() if o not in banned and o not in best}
+            together.update(fresh)
+            for o in fresh:
+                partners.setdefault(o, []).append(q)
         scale = len(query) * self._co_max + 1
         for item, c in together.items():
-            best[item] = Recommendation(item, 1.0 + c / scale, f"co-occurrence: in {c} basket(s) with the query")
+            best[item] = Recommendation(item, 1.0 + c / scale, f"co-occurrence: in {c} basket(s) with the query",
+                                        None, tuple(partners[item]))
         ranked = sorted(best.values(), key=lambda r: (-r.score, r.item_id))[:k]
         for item in self.popularity["item_id"]:
             if len(ranked) >= k:

@@ -553,6 +553,11 @@ class MilvusStore:
             kwargs.setdefault("timeout", self._timeout)
         try:
             return self._call_once(op, name, method, args, kwargs, user_filter, sent_filter)
+        except _NotLoaded:
+            # A restarted server holds its collections released until someone loads them: load, then once more.
+            logger.warning("collection %r was released (server restarted?); loading it again", name)
+            self._call_once("load", name, "load_collection", (name,), {"timeout": self._timeout}, None, None)
+            return self._call_once(op, name, method, args, kwargs, user_filter, sent_filter)
         except StoreUnavailableError:
             if self._data_dir is None or not isinstance(method, str):
                 raise
@@ -576,6 +581,8 @@ class MilvusStore:
     def _translate(self, code: Any, text: str, op: str, name: str | None, user_filter: str | None) -> Exception:
         low = text.lower()
         where = f" on collection {name!r}" if name else ""
+        if name and op != "load" and ("state 'released'" in low or "not loaded" in low or "call load()" in low):
+            return _NotLoaded(f"{op}{where}: {text}")
         if code in (2, 1) and ("connect" in low or "unavailable" in low or "unimplemented" in low) or \
                 "deadline" in low or "timeout" in low or "timed out" in low:
             return StoreUnavailableError(f"Milvus at {self.endpoint} is unavailable ({op}{where}): {text}")
@@ -589,6 +596,10 @@ class MilvusStore:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+class _NotLoaded(StoreError):
+    """A collection exists but is released (internal: ``MilvusStore._call`` loads it and retries)."""
 
 
 def _reopen(uri: str, open_args: dict[str, float]) -> MilvusStore:

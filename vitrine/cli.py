@@ -94,6 +94,55 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve import launch
+    from serve.config import config_from_file
+
+    if args.stop:
+        launch.stop(args.address)
+        print("service stopped")
+        return 0
+    cfg = config_from_file(args.config, {
+        "store_uri": args.store, "artifacts_uri": args.artifacts, "collection": args.collection,
+        "events": args.events, "users": args.users, "event_log": args.event_log, "host": args.host,
+        "port": args.port, "ranker": args.ranker})
+    url = launch.start(cfg, args.address)
+    print(f"Vitrine is serving at {url} (OpenAPI: {url}/docs). Try:")
+    print(launch.examples(url, args.example_item, args.example_user))
+    if args.foreground:
+        import time
+
+        print("serving in the foreground; Ctrl-C stops it")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            launch.stop(args.address)
+    else:
+        print("It keeps running in the Ray cluster; stop it with: vitrine serve --stop")
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of serve settings (serve/config.py ServeConfig; business rules "
+                                    "under `rules:`)")
+    p.add_argument("--store", help="vector store URI (default: $VITRINE_STORE_URI or var/milvus)")
+    p.add_argument("--artifacts", help="artifact store URI (default: $VITRINE_ARTIFACTS or var/artifacts)")
+    p.add_argument("--collection", help="catalogue name (default: items)")
+    p.add_argument("--events", help="offline events file for history and popularity (default: the sample's)")
+    p.add_argument("--users", help="user features file for popularity by segment (default: the sample's)")
+    p.add_argument("--event-log", help="where POST /events appends (default: var/events)")
+    p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--ranker", help="'latest' published ranker (default), a version, or 'none'")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, a running local head, or a new one)")
+    p.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the service")
+    p.add_argument("--stop", action="store_true", help="shut the service down (and the local Ray head it started)")
+    p.add_argument("--example-item", default="fm-000299", help=argparse.SUPPRESS)
+    p.add_argument("--example-user", default="u-0001", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jobs import (
         align_encoder,
@@ -102,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate,
         mine_rules,
         train_graphsage,
+        train_ranker,
         train_two_tower,
     )
 
@@ -132,12 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     models = train.add_subparsers(dest="model", required=True)
     _add_job(models, "two-tower", train_two_tower, "two-tower retrieval model; vectors into Milvus")
     _add_job(models, "graphsage", train_graphsage, "GraphSAGE on the user-item graph; vectors into Milvus")
+    _add_job(models, "ranker", train_ranker, "the serving graph's learned reranker (candidates -> features -> model)")
     _add_job(sub, "rules", mine_rules, "mine frequently-bought-together rules from events (FP-Growth)")
     _add_job(sub, "profiles", build_profiles, "build user profile vectors (mean item embeddings) into the store")
 
     ev = sub.add_parser("eval", help="compare every recommender on a public data set or an events file")
     evaluate.build_parser(ev)
     ev.set_defaults(func=lambda a: evaluate.run_and_print(a))
+
+    _serve_args(sub.add_parser("serve", help="run the recommendation service (Ray Serve graph over HTTP)"))
 
     milvus = sub.add_parser("milvus", help="the embedded Milvus Lite server behind a store folder")
     milvus.add_argument("action", choices=["start", "stop", "status"])

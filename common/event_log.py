@@ -1,0 +1,290 @@
+"""The durable event log: validated interaction events appended as immutable Parquet parts under any fsspec URI.
+
+Layout under the log's URI::
+
+    date=YYYY-MM-DD/part-<utc stamp>-<uuid8>.parquet              accepted events (EVENTS_SCHEMA)
+    quarantine/date=YYYY-MM-DD/part-<utc stamp>-<uuid8>.parquet   rejected rows (as text) with a ``reason``
+
+``date`` is the day (UTC) the batch was *received*, not the events' day: a day folder stops growing once the day is
+over, which is what lets ``compact`` merge past days while appends go on.
+
+Durability: every part is written under a hidden temporary name (``.part-....tmp``), flushed and fsync'd, then
+renamed into place, and on a local filesystem the folder is fsync'd too, all before ``append`` returns: an
+acknowledged event survives a crash, and a crash mid-write leaves only a temporary file that ``read`` ignores.
+Several processes may append at once: each append writes its own uniquely named part (no file is ever appended to).
+
+Compaction writes one part per past day whose Parquet metadata lists the parts it replaces; ``read`` skips every
+part so listed, so a reader racing a compaction (or a compaction that crashed before deleting) never sees an event
+twice. Run one compaction at a time (a scheduled job), beside any number of appenders and readers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from common.catalog import ids_as_str
+from common.errors import ConfigError, SchemaError
+from common.events import EVENTS_SCHEMA, REQUIRED_COLUMNS, validate_events
+
+log = logging.getLogger(__name__)
+
+QUARANTINE = "quarantine"  # sub-folder of rejected rows
+REPLACES_KEY = b"vitrine.replaces"  # Parquet metadata of a compacted part: JSON list of the part names it replaces
+_ROW = "__batch_row"  # position of each row in the appended batch, carried through validation
+_READ_ATTEMPTS = 5  # a part deleted by a concurrent compaction between listing and reading: list again
+
+KnownItems = Callable[[Sequence[str]], set[str]] | set[str] | frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What one ``append`` did."""
+
+    accepted: int  # valid events written
+    rejected: list[dict]  # {"index": row position in the batch, "reason": str} for each invalid row
+    part: str | None  # URI of the part file written (None when nothing valid)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class EventLog:
+    """An append-only log of interaction events at ``uri`` (a local folder or any fsspec URI, e.g. ``s3://b/events``).
+
+    ``known_items`` (optional) is the catalogue: a set of item ids, or a callable that takes a batch's item ids and
+    returns the known ones; events on other items are rejected with ``unknown item 'x'``. ``clock`` returns the
+    current UTC time (tests pass a fixed one); it dates the parts and fills missing ``ts``.
+    """
+
+    def __init__(self, uri: str, known_items: KnownItems = None, *,
+                 clock: Callable[[], datetime] = _utc_now) -> None:
+        if not isinstance(uri, str) or not uri.strip():
+            raise ConfigError(f"event log URI must be a non-empty path or URI. Got {uri!r}")
+        if known_items is not None and not callable(known_items) and not isinstance(known_items, (set, frozenset)):
+            raise ConfigError(f"known_items must be a set of item ids or a callable. Got {type(known_items).__name__}")
+        self.uri = uri.rstrip("/")
+        self._known = known_items
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"EventLog({self.uri!r})"
+
+    # ------------------------------------------------------------------------------------------ append
+
+    def append(self, events: pd.DataFrame | list[dict]) -> AppendResult:
+        """Validate a batch; write its valid rows as one new part and its invalid rows to quarantine, durably."""
+        frame = _as_frame(events)
+        if frame.empty:
+            return AppendResult(accepted=0, rejected=[], part=None)
+        now = self._clock().astimezone(timezone.utc)
+        table = _prepared(frame, now)
+        known = self._known_ids(table)
+        checked = validate_events(table, known)
+        rejected = [{"index": int(i), "reason": str(r)}
+                    for i, r in zip(checked.quarantine[_ROW], checked.quarantine["reason"])]
+        rejected.sort(key=lambda r: r["index"])
+        fs, base = url_to_fs(self.uri)
+        day, name = now.strftime("%Y-%m-%d"), _part_name(now)
+        if len(checked.quarantine):
+            _write_durable(fs, _quarantine_table(checked.quarantine), f"{base}/{QUARANTINE}/date={day}/{name}")
+        part = None
+        if len(checked.valid):
+            valid = checked.valid.assign(ts=checked.valid["ts"].dt.floor("us"))
+            data = pa.Table.from_pandas(valid, schema=EVENTS_SCHEMA, preserve_index=False)
+            _write_durable(fs, data.replace_schema_metadata(None), f"{base}/date={day}/{name}")
+            part = f"{self.uri}/date={day}/{name}"
+        log.debug("event log %s: %d accepted, %d rejected", self.uri, len(checked.valid), len(rejected))
+        return AppendResult(accepted=len(checked.valid), rejected=rejected, part=part)
+
+    def _known_ids(self, table: pa.Table) -> set[str] | None:
+        if self._known is None or "item_id" not in table.column_names:
+            return None
+        if isinstance(self._known, (set, frozenset)):
+            return set(self._known)
+        ids = sorted({i for i in ids_as_str(table["item_id"]).to_pylist() if i})
+        return set(self._known(ids)) if ids else set()
+
+    # ------------------------------------------------------------------------------------------ read
+
+    def read(self, since: str | None = None) -> pd.DataFrame:
+        """Every accepted event (EVENTS_SCHEMA columns) with ``ts >= since`` (ISO time, UTC when naive), in time
+        order (ties keep append order); an empty frame with those columns when there is none."""
+        start = _parse_since(since)
+        for _ in range(_READ_ATTEMPTS):
+            try:
+                tables = [t for _, t in self._live_parts()]
+                break
+            except FileNotFoundError:  # a compaction removed a listed part after writing its replacement
+                continue
+        else:
+            raise SchemaError(f"event log {self.uri}: parts kept disappearing while reading; is a compaction looping?")
+        if not tables:
+            return EVENTS_SCHEMA.empty_table().to_pandas()
+        frame = pa.concat_tables(tables).to_pandas()
+        if start is not None:
+            frame = frame[frame["ts"] >= start]
+        return frame.sort_values("ts", kind="stable").reset_index(drop=True)
+
+    def _live_parts(self, day: str | None = None) -> list[tuple[str, pa.Table]]:
+        """(path, table) of the parts not replaced by a compacted part, in name order (day, then time)."""
+        fs, base = url_to_fs(self.uri)
+        pattern = f"{base}/date={day or '*'}/part-*.parquet"
+        parts: list[tuple[str, pa.Table]] = []
+        replaced: set[str] = set()
+        for path in sorted(fs.glob(pattern)):
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+            meta = table.schema.metadata or {}
+            if REPLACES_KEY in meta:
+                replaced.update(json.loads(meta[REPLACES_KEY]))
+            parts.append((path, _conformed(table, path)))
+        return [(p, t) for p, t in parts if _name(p) not in replaced]
+
+    # ------------------------------------------------------------------------------------------ compact
+
+    def compact(self) -> int:
+        """Merge the parts of each past day (UTC) into one part; returns how many parts were removed."""
+        fs, base = url_to_fs(self.uri)
+        today = self._clock().astimezone(timezone.utc).strftime("%Y-%m-%d")
+        days = sorted(p.rsplit("date=", 1)[1] for p in fs.glob(f"{base}/date=*") if fs.isdir(p))
+        removed = 0
+        for day in (d for d in days if d < today):
+            every = sorted(fs.glob(f"{base}/date={day}/part-*.parquet"))
+            live = self._live_parts(day)
+            stale = [p for p in every if p not in {q for q, _ in live}]  # replaced but not yet deleted
+            if len(live) > 1:
+                merged = pa.concat_tables([t for _, t in live])
+                merged = merged.take(pc.sort_indices(merged, sort_keys=[("ts", "ascending")]))  # stable
+                replaces = json.dumps([_name(p) for p, _ in live]).encode()
+                merged = merged.replace_schema_metadata({REPLACES_KEY: replaces})
+                name = _part_name(self._clock().astimezone(timezone.utc))
+                _write_durable(fs, merged, f"{base}/date={day}/{name}")
+                stale += [p for p, _ in live]
+            for path in stale:
+                fs.rm(path)
+            removed += len(stale)
+            if stale:
+                log.info("event log %s: compacted %s (%d part(s) removed)", self.uri, day, len(stale))
+        return removed
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _as_frame(events: pd.DataFrame | list[dict]) -> pd.DataFrame:
+    if isinstance(events, pd.DataFrame):
+        return events.reset_index(drop=True)
+    if isinstance(events, (list, tuple)):
+        bad = [i for i, e in enumerate(events) if not isinstance(e, dict)]
+        if bad:
+            raise SchemaError(f"events must be dicts; row {bad[0]} is {type(events[bad[0]]).__name__}")
+        return pd.DataFrame.from_records(list(events))
+    raise SchemaError(f"events must be a DataFrame or a list of dicts. Got {type(events).__name__}")
+
+
+def _prepared(frame: pd.DataFrame, now: datetime) -> pa.Table:
+    """The batch as an Arrow table ready for validate_events: absent required columns added as nulls (so each row
+    is quarantined with its reason instead of the batch failing), blank ``ts`` filled with ``now``, row positions."""
+    frame = frame.copy()
+    for col in REQUIRED_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = None
+    ts = frame["ts"]
+    blank = ts.isna().to_numpy() | ts.astype("string").str.strip().eq("").fillna(False).to_numpy()
+    if blank.any():
+        if pd.api.types.is_datetime64_any_dtype(ts):
+            stamp = pd.Timestamp(now) if ts.dt.tz is not None else pd.Timestamp(now).tz_localize(None)
+            frame["ts"] = ts.where(~blank, stamp)
+        elif pd.api.types.is_numeric_dtype(ts) and not pd.api.types.is_bool_dtype(ts):
+            frame["ts"] = ts.where(~blank, now.timestamp())
+        else:
+            frame["ts"] = ts.astype(object).where(~blank, now.isoformat())
+    frame[_ROW] = np.arange(len(frame), dtype=np.int64)
+    mixed = {c: "string" for c in frame.columns if frame[c].dtype == object}
+    return pa.Table.from_pandas(frame.astype(mixed), preserve_index=False)
+
+
+def _quarantine_table(rows: pd.DataFrame) -> pa.Table:
+    """Rejected rows as text (a stable schema whatever the client sent), their batch position and reason."""
+    columns = {c: pa.array([None if _missing(v) else str(v) for v in rows[c]], pa.string())
+               for c in rows.columns if c not in (_ROW, "reason")}
+    columns["batch_index"] = pa.array(rows[_ROW].to_numpy(np.int64))
+    columns["reason"] = pa.array(rows["reason"].astype(str).tolist(), pa.string())
+    return pa.table(columns)
+
+
+def _missing(v: object) -> bool:
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and v != v)
+
+
+def _conformed(table: pa.Table, path: str) -> pa.Table:
+    missing = [c for c in EVENTS_SCHEMA.names if c not in table.column_names]
+    if missing:
+        raise SchemaError(f"event log part {path} lacks column(s) {missing}; was it written by another tool?")
+    return table.select(EVENTS_SCHEMA.names).cast(EVENTS_SCHEMA).replace_schema_metadata(None)
+
+
+def _part_name(now: datetime) -> str:
+    return f"part-{now.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _parse_since(since: str | None) -> pd.Timestamp | None:
+    if since is None:
+        return None
+    try:
+        t = pd.Timestamp(since)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"since must be an ISO-8601 time such as 2024-05-01T12:00:00Z. Got {since!r}") from e
+    if t is pd.NaT:
+        raise ConfigError(f"since must be an ISO-8601 time such as 2024-05-01T12:00:00Z. Got {since!r}")
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def _write_durable(fs: fsspec.AbstractFileSystem, table: pa.Table, path: str) -> None:
+    """Write ``table`` to ``path`` atomically: a hidden temporary file, fsync'd (locally), then renamed."""
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.tmp"
+    if isinstance(fs, LocalFileSystem):
+        created = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+        if created:  # the new day folder's own entry must reach the disk too
+            _fsync_dir(os.path.dirname(folder))
+            _fsync_dir(os.path.dirname(os.path.dirname(folder)))
+        return
+    fs.makedirs(folder, exist_ok=True)
+    with fs.open(tmp, "wb") as f:  # object stores commit the upload on close
+        pq.write_table(table, f)
+    fs.mv(tmp, path)
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,44 @@
+"""``build_app``: the serving graph, wired by passing deployment handles into constructors.
+
+    Ingress (HTTP) -> Retriever (-> TextEncoder) -> Reranker -> BusinessFilter;  Ingress -> EventSink
+
+``vitrine serve`` deploys it declaratively (``serve.launch.app_config``: import path ``serve.app:build_app``, the
+config as ``args``, the business rules as the BusinessFilter's ``user_config``), as ``serve deploy`` and KubeRay's
+RayService do; ``serve run serve.app:build_app collection=items`` works too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from ray.serve import Application
+
+from serve.business_filter import BusinessFilter
+from serve.config import ServeConfig, config_from_mapping
+from serve.events import EventSink
+from serve.ingress import Ingress
+from serve.reranker import Reranker
+from serve.retriever import Retriever
+from serve.text_encoder import TextEncoder
+
+log = logging.getLogger(__name__)
+
+
+def _gpus() -> float:
+    """One GPU for the text encoder replica when the connected cluster has one (else CPU)."""
+    import ray
+
+    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def build_app(args: ServeConfig | Mapping[str, Any] | None = None) -> Application:
+    cfg = args if isinstance(args, ServeConfig) else config_from_mapping(args or {})
+    rules, cfg = dict(cfg.rules), dataclasses.replace(cfg, rules={})  # the rules reach only the filter
+    text = TextEncoder.options(**cfg.text_encoder.options(gpus=_gpus())).bind(cfg)
+    retriever = Retriever.options(**cfg.retriever.options()).bind(cfg, text)
+    reranker = Reranker.options(**cfg.reranker.options()).bind(cfg)
+    business = BusinessFilter.options(user_config=rules, **cfg.business_filter.options()).bind()
+    events = EventSink.options(**cfg.events_sink.options()).bind(cfg)
+    return Ingress.options(**cfg.ingress.options()).bind(cfg, retriever, reranker, business, events)

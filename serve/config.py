@@ -1,0 +1,130 @@
+"""The serving graph's settings: one typed config, from defaults, a YAML file and flags (see ``from_args``)."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import (default_artifacts_uri, default_events, default_store_uri, from_mapping, load_yaml,
+                           resolve_uri)
+from common.errors import ConfigError
+from common.item_index import check_base_name
+
+MAX_K = 100  # the most results one request may ask for
+MAX_EVENTS = 1000  # the most events one POST /events may carry
+
+
+def default_event_log() -> str:
+    """Where POST /events appends (beside the other var/ state)."""
+    return resolve_uri("var/events")
+
+
+def default_users() -> str:
+    """The shipped sample's user features (age, region) for popularity by segment."""
+    return str(Path(default_events()).parent / "users.parquet")
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """Scaling of one deployment: fractional CPUs so the whole graph fits on 2 cores, autoscaled on load."""
+
+    num_cpus: float = 0.25  # logical CPUs each replica reserves
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4.0  # autoscaler's target of in-flight requests per replica
+    max_ongoing_requests: int = 16  # back-pressure: requests one replica accepts at once
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_cpus <= 64:
+            raise ConfigError(f"num_cpus must be in (0, 64]. Got {self.num_cpus!r}")
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ConfigError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1. "
+                              f"Got {self.min_replicas!r}, {self.max_replicas!r}")
+        if self.target_ongoing_requests <= 0 or self.max_ongoing_requests < 1:
+            raise ConfigError("target_ongoing_requests must be > 0 and max_ongoing_requests >= 1")
+
+    def options(self, gpus: float = 0.0) -> dict[str, Any]:
+        """``Deployment.options(...)`` keyword arguments."""
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if gpus:
+            actor["num_gpus"] = gpus
+        return {
+            "ray_actor_options": actor,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "autoscaling_config": {"min_replicas": self.min_replicas, "initial_replicas": max(self.min_replicas, 1),
+                                   "max_replicas": self.max_replicas,
+                                   "target_ongoing_requests": self.target_ongoing_requests,
+                                   "upscale_delay_s": 3.0, "downscale_delay_s": 60.0},
+        }
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What the service reads and how it behaves."""
+
+    collection: str = "items"  # catalogue name: collections <collection>_<kind>, artifacts embeddings/<collection>
+    store_uri: str = field(default_factory=default_store_uri)  # Milvus: a Lite server folder or http://host:19530
+    artifacts_uri: str = field(default_factory=default_artifacts_uri)  # embeddings manifest, rules, ranker
+    events: str | None = field(default_factory=default_events)  # offline events (history, popularity); None: none
+    users: str | None = field(default_factory=default_users)  # user features for popularity by segment; None: none
+    event_log: str = field(default_factory=default_event_log)  # POST /events appends here (Parquet parts)
+    kind: str = "fused"  # item vectors for profiles, sessions, text search and diversity
+    similar_kind: str = "visual"  # item vectors for /items/{id}/similar (image-only similarity)
+    candidates: int = 50  # candidates each retrieval source returns
+    recent_items: int = 5  # how many of the user's latest items seed item-to-item and rules candidates
+    diversity: float = 0.8  # MMR lambda for personal recommendations (1 = relevance only)
+    ranker: str = "latest"  # "latest" published ranker (vitrine train ranker), or "none": order by summed scores
+    rules: Mapping[str, Any] = field(default_factory=dict)  # business rules (common.business_rules), user_config
+    session_gap_s: float = 1800.0  # a pause this long starts a new session
+    store_timeout_s: float = 10.0  # each vector store call's deadline (then 503 + Retry-After, not a hung request)
+    host: str = "127.0.0.1"  # HTTP bind address
+    port: int = 8000  # HTTP port
+    ingress: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.2, max_replicas=2))
+    retriever: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=3))
+    reranker: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.2, max_replicas=2))
+    business_filter: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.1, max_replicas=2))
+    events_sink: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.1, max_replicas=2))
+    text_encoder: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=2))
+
+    def __post_init__(self) -> None:
+        check_base_name(self.collection)
+        if not 1 <= self.candidates <= 1000:
+            raise ConfigError(f"candidates must be in [1, 1000]. Got {self.candidates!r}")
+        if not 0.0 <= self.diversity <= 1.0:
+            raise ConfigError(f"diversity (MMR lambda) must be in [0, 1]. Got {self.diversity!r}")
+        if self.ranker not in ("latest", "none") and not self.ranker.startswith("v"):
+            raise ConfigError(f"ranker must be 'latest', 'none' or a published version (v...). Got {self.ranker!r}")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [1, 65535]. Got {self.port!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_URIS = ("store_uri", "artifacts_uri", "events", "users", "event_log")
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> ServeConfig:
+    """A ServeConfig from plain values (YAML, JSON, ``serve run`` arguments); local paths made absolute."""
+    values = dict(values)
+    for name in _URIS:
+        if values.get(name) in ("", "none"):
+            values[name] = None
+        elif isinstance(values.get(name), str):
+            values[name] = resolve_uri(values[name])
+    for name, cast in (("candidates", int), ("recent_items", int), ("port", int), ("diversity", float),
+                       ("session_gap_s", float), ("store_timeout_s", float)):
+        if isinstance(values.get(name), str):  # `serve run module:build_app key=value` passes strings
+            try:
+                values[name] = cast(values[name])
+            except ValueError:
+                raise ConfigError(f"{name} must be a number. Got {values[name]!r}") from None
+    return from_mapping(ServeConfig, values)
+
+
+def config_from_file(path: str | None, overrides: Mapping[str, Any] | None = None) -> ServeConfig:
+    values = load_yaml(path) if path else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return config_from_mapping(values)

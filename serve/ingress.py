@@ -1,0 +1,191 @@
+"""Ingress deployment: the HTTP API (FastAPI, OpenAPI at /docs), composing retrieval -> rerank -> business filter.
+
+Errors never reach a client as a stack trace: unknown ids answer 404, bad parameters or bodies 422, an
+unreachable vector store or an overloaded / restarting stage 503 with ``Retry-After``, anything else 500 with a
+one-line message (the trace goes to the replica's log).
+"""
+# No `from __future__ import annotations` here: Serve rebuilds the routes and cannot resolve string annotations.
+
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from common.business_rules import Ranked
+from common.errors import ConfigError, NotFoundError, StoreUnavailableError, VitrineError
+from common.user_history import segment_of
+from serve.config import MAX_EVENTS, MAX_K, ServeConfig
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 5
+
+
+class Event(BaseModel):
+    """One interaction, as in the events schema (common/events.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Field(min_length=1, max_length=128)
+    item_id: str = Field(min_length=1, max_length=128)
+    event: str = Field(min_length=1, max_length=32, description="view, wishlist, add_to_bag, purchase, rating, "
+                                                                "dislike or return")
+    ts: str | None = Field(None, description="ISO-8601 time; default: when the server received it")
+    session_id: str | None = None
+    order_id: str | None = None
+    button: str | None = None
+    value: float | None = None
+
+
+class EventBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[Event] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+api = FastAPI(title="Vitrine", description="Multimodal product recommendations: retrieval -> rerank -> "
+                                           "business filter, on Ray Serve and Milvus.", version="0.4")
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The exception a replica raised (Ray wraps it in RayTaskError on the way back)."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None and e.cause is not e:
+        e = e.cause
+    return e
+
+
+def error_response(e: BaseException) -> JSONResponse:
+    """Map an exception to its status and a one-line message."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    e = _cause(e)
+    message = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
+    if isinstance(e, NotFoundError):
+        return JSONResponse({"error": message}, status_code=404)
+    if isinstance(e, StoreUnavailableError):
+        return JSONResponse({"error": f"the vector store is unavailable: {message}"}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(e, (BackPressureError, RayActorError, ActorDiedError, ActorUnavailableError)):
+        return JSONResponse({"error": "a serving stage is overloaded or restarting; retry shortly"},
+                            status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(e, (ConfigError, VitrineError)):
+        return JSONResponse({"error": message}, status_code=422)
+    log.exception("unexpected error", exc_info=e)
+    return JSONResponse({"error": f"internal error ({type(e).__name__})"}, status_code=500)
+
+
+@api.exception_handler(Exception)
+async def _any_error(request: Request, e: Exception) -> JSONResponse:
+    return error_response(e)
+
+
+def _overrides(category: list[str] | None, price_min: float | None, price_max: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if category:
+        out["allow_categories"] = tuple(category)
+    if price_min is not None:
+        out["price_min"] = price_min
+    if price_max is not None:
+        out["price_max"] = price_max
+    return out
+
+
+def _body(strategy: str, results: list[Ranked], t0: float, **extra: Any) -> dict[str, Any]:
+    return {"strategy": strategy, **extra, "took_ms": round((time.perf_counter() - t0) * 1e3, 2),
+            "items": [{"item_id": r.item_id, "score": round(float(r.score), 5), **r.fields, "reasons": r.reasons}
+                      for r in results]}
+
+
+K = Query(10, ge=1, le=MAX_K, description=f"number of results (1-{MAX_K})")
+CATEGORY = Query(None, description="only these categories (repeatable)")
+PRICE_MIN = Query(None, ge=0)
+PRICE_MAX = Query(None, ge=0)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, cfg: ServeConfig, retriever: DeploymentHandle, reranker: DeploymentHandle,
+                 business_filter: DeploymentHandle, events: DeploymentHandle) -> None:
+        self.cfg = cfg
+        self.retriever, self.reranker, self.filter, self.events = retriever, reranker, business_filter, events
+
+    def _pool(self, k: int) -> int:
+        return max(self.cfg.candidates, 3 * k)
+
+    async def _finish(self, found, k: int, overrides: dict[str, Any], pinned: bool = False) -> list[Ranked]:
+        ranked = await self.reranker.rank.remote(found)
+        rules = await self.filter.effective.remote(overrides)
+        pinned_fields = None
+        if pinned and rules.pinned:
+            pinned_fields = await self.retriever.item_fields.remote(list(rules.pinned))
+        return await self.filter.apply.remote(ranked, k, overrides, found.seen, pinned_fields, pinned)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            stages = {"retriever": await self.retriever.ready.remote(), "reranker": await self.reranker.ready.remote()}
+        except Exception as e:  # noqa: BLE001 - readiness reports any failure as not ready
+            response = error_response(e)
+            return JSONResponse({"status": "not ready", "error": response.body.decode()},
+                                status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse({"status": "ready", **stages})
+
+    @api.get("/items/{item_id}/similar")
+    async def similar(self, item_id: str, k: int = K, category: list[str] | None = CATEGORY,
+                      price_min: float | None = PRICE_MIN, price_max: float | None = PRICE_MAX) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        overrides = _overrides(category, price_min, price_max)
+        rules = await self.filter.effective.remote(overrides)
+        found = await self.retriever.similar.remote(item_id, self._pool(k), rules.milvus_filter())
+        return _body("similar", await self._finish(found, k, overrides), t0, item_id=item_id)
+
+    @api.get("/items/{item_id}/bought-together")
+    async def bought_together(self, item_id: str, k: int = K) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        found = await self.retriever.bought_together.remote(item_id, self._pool(k))
+        return _body("bought_together", await self._finish(found, k, {}), t0, item_id=item_id)
+
+    @api.get("/users/{user_id}/recommendations")
+    async def recommendations(self, user_id: str, k: int = K, category: list[str] | None = CATEGORY,
+                              price_min: float | None = PRICE_MIN, price_max: float | None = PRICE_MAX,
+                              age: int | None = Query(None, ge=0, le=130, description="user feature (segment)"),
+                              region: str | None = Query(None, max_length=64, description="user feature (segment)"),
+                              ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        overrides = _overrides(category, price_min, price_max)
+        rules = await self.filter.effective.remote(overrides)
+        found = await self.retriever.for_user.remote(user_id, self._pool(k), rules.milvus_filter(),
+                                                     segment_of(age, region), rules.exclude_seen)
+        results = await self._finish(found, k, overrides, pinned=True)
+        return _body(found.strategy, results, t0, user_id=user_id, segment=found.segment)
+
+    @api.get("/search")
+    async def search(self, q: str = Query(..., min_length=1, max_length=512, description="free-text query"),
+                     k: int = K, category: list[str] | None = CATEGORY, price_min: float | None = PRICE_MIN,
+                     price_max: float | None = PRICE_MAX) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        overrides = _overrides(category, price_min, price_max)
+        rules = await self.filter.effective.remote(overrides)
+        found = await self.retriever.search.remote(q, self._pool(k), rules.milvus_filter())
+        return _body("search", await self._finish(found, k, overrides), t0, query=q)
+
+    @api.post("/events")
+    async def post_events(self, batch: EventBatch) -> Any:
+        """Append a batch durably (acknowledged = written), then update the users' session vectors."""
+        t0 = time.perf_counter()
+        result = await self.events.append.remote([e.model_dump() for e in batch.events])
+        body = {**result, "took_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+        if not result["accepted"]:
+            return JSONResponse({"error": "no valid event in the batch", **body}, status_code=422)
+        return body

@@ -1,0 +1,183 @@
+"""The durable event log: round trip, quarantine with reasons, concurrent appenders, crash leftovers, compaction."""
+from __future__ import annotations
+
+import multiprocessing as mp
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from common.errors import ConfigError
+from common.event_log import EventLog
+from common.events import EVENTS_SCHEMA
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def _events(n: int, user: str = "u1", start: int = 0) -> list[dict]:
+    return [{"user_id": user, "item_id": f"i{(start + k) % 7}", "event": "view",
+             "ts": (T0 + timedelta(seconds=start + k)).isoformat()} for k in range(n)]
+
+
+def _parts(root: Path, quarantine: bool = False) -> list[Path]:
+    base = root / "quarantine" if quarantine else root
+    return sorted(base.glob("date=*/part-*.parquet"))
+
+
+def test_append_then_read_round_trip(tmp_path):
+    log = EventLog(str(tmp_path / "log"))
+    first = log.append(_events(3, "u2", start=10))
+    second = log.append(pd.DataFrame(_events(2, "u1")))
+    assert (first.accepted, first.rejected, second.accepted) == (3, [], 2)
+    assert Path(first.part).exists() and "date=" in first.part
+    out = log.read()
+    assert list(out.columns) == EVENTS_SCHEMA.names
+    assert len(out) == 5
+    assert out["ts"].is_monotonic_increasing  # time order, across parts
+    assert list(out["user_id"]) == ["u1", "u1", "u2", "u2", "u2"]
+    assert out["session_id"].notna().all()
+    assert len(log.read(since=(T0 + timedelta(seconds=11)).isoformat())) == 2
+
+
+def test_any_fsspec_uri(tmp_path):
+    log = EventLog(f"memory://vitrine-test/{tmp_path.name}/log")
+    res = log.append(_events(3))
+    assert res.part.startswith("memory://") and res.accepted == 3
+    assert len(log.read()) == 3
+
+
+def test_rejected_rows_land_in_quarantine_with_reasons(tmp_path):
+    log = EventLog(str(tmp_path / "log"), known_items={"i0", "i1"})
+    batch = [
+        {"user_id": "u1", "item_id": "i0", "event": "view", "ts": T0.isoformat()},
+        {"user_id": "", "item_id": "i0", "event": "view", "ts": T0.isoformat()},
+        {"user_id": "u1", "item_id": "i1", "event": "teleport", "ts": T0.isoformat()},
+        {"user_id": "u1", "item_id": "i9", "event": "view", "ts": T0.isoformat()},
+        {"user_id": "u1", "item_id": "i1", "event": "view", "ts": "not a time"},
+    ]
+    res = log.append(batch)
+    assert res.accepted == 1
+    assert res.rejected == [
+        {"index": 1, "reason": "missing user_id"},
+        {"index": 2, "reason": "unknown event 'teleport'"},
+        {"index": 3, "reason": "unknown item 'i9'"},
+        {"index": 4, "reason": "bad ts 'not a time'"},
+    ]
+    (qpart,) = _parts(tmp_path / "log", quarantine=True)
+    q = pq.read_table(qpart).to_pandas()
+    assert list(q["batch_index"]) == [1, 2, 3, 4]
+    assert list(q["reason"]) == [r["reason"] for r in res.rejected]
+    assert list(q["item_id"]) == ["i0", "i1", "i9", "i1"]  # the row as sent, nothing lost
+    assert len(log.read()) == 1  # quarantine is not part of the log
+
+
+def test_known_items_callable_gets_the_batch_ids(tmp_path):
+    asked: list[list[str]] = []
+
+    def known(ids):
+        asked.append(list(ids))
+        return {"i1"}
+
+    res = EventLog(str(tmp_path / "log"), known_items=known).append(_events(3))  # items i0, i1, i2
+    assert asked == [["i0", "i1", "i2"]]
+    assert res.accepted == 1 and [r["index"] for r in res.rejected] == [0, 2]
+
+
+def test_missing_ts_is_filled_with_now(tmp_path):
+    log = EventLog(str(tmp_path / "log"), clock=lambda: T0)
+    res = log.append([{"user_id": "u1", "item_id": "i1", "event": "view"},
+                      {"user_id": "u1", "item_id": "i2", "event": "view", "ts": None},
+                      {"user_id": "u1", "item_id": "i3", "event": "view", "ts": "2024-04-30T00:00:00Z"}])
+    assert res.accepted == 3
+    out = log.read()
+    assert list(out["ts"]) == [pd.Timestamp("2024-04-30T00:00:00Z"), pd.Timestamp(T0), pd.Timestamp(T0)]
+    assert Path(res.part).parent.name == "date=2024-05-01"  # the receiving day
+    # A batch without any ts column at all.
+    assert log.append(pd.DataFrame({"user_id": ["u2"], "item_id": ["i1"], "event": ["view"]})).accepted == 1
+
+
+def test_missing_required_column_quarantines_rows_instead_of_failing(tmp_path):
+    log = EventLog(str(tmp_path / "log"))
+    res = log.append([{"user_id": "u1", "event": "view", "ts": T0.isoformat()}])
+    assert res.accepted == 0 and res.part is None
+    assert res.rejected == [{"index": 0, "reason": "missing item_id"}]
+
+
+def test_empty_batch_writes_nothing(tmp_path):
+    log = EventLog(str(tmp_path / "log"))
+    assert log.append([]).accepted == 0
+    res = log.append(pd.DataFrame(columns=["user_id", "item_id", "event", "ts"]))
+    assert (res.accepted, res.rejected, res.part) == (0, [], None)
+    assert not (tmp_path / "log").exists()
+    out = log.read()
+    assert out.empty and list(out.columns) == EVENTS_SCHEMA.names
+
+
+def test_a_temp_file_left_by_a_crash_is_ignored(tmp_path):
+    log = EventLog(str(tmp_path / "log"))
+    res = log.append(_events(2))
+    folder = Path(res.part).parent
+    (folder / ".part-20240501T120000000000Z-deadbeef.parquet.tmp").write_bytes(b"PAR1 half a file")
+    assert len(log.read()) == 2
+    assert log.append(_events(1)).accepted == 1  # and appends go on
+    assert len(log.read()) == 3
+
+
+def _append_many(uri: str, worker: int, batches: int) -> None:
+    log = EventLog(uri)
+    for b in range(batches):
+        log.append(_events(5, f"w{worker}", start=b * 5))
+
+
+def test_concurrent_appenders_lose_nothing(tmp_path):
+    uri = str(tmp_path / "log")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append_many, args=(uri, w, 10)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    out = EventLog(uri).read()
+    assert len(out) == 2 * 10 * 5
+    assert out.groupby("user_id").size().to_dict() == {"w0": 50, "w1": 50}
+    assert len(_parts(tmp_path / "log")) == 20  # one part per append, none overwritten
+
+
+def test_compact_merges_past_days_only_and_read_is_unchanged(tmp_path):
+    now = {"t": T0}
+    log = EventLog(str(tmp_path / "log"), clock=lambda: now["t"])
+    for k in range(3):
+        log.append(_events(2, start=2 * k))
+    now["t"] = T0 + timedelta(days=1)
+    log.append(_events(2, "u2"))
+    before = log.read()
+    assert log.compact() == 3  # three parts of the past day merged; today's single part left alone
+    assert len(_parts(tmp_path / "log")) == 2
+    pd.testing.assert_frame_equal(log.read(), before)
+    assert log.compact() == 0  # idempotent
+
+
+def test_read_skips_parts_a_crashed_compaction_replaced(tmp_path):
+    now = {"t": T0}
+    log = EventLog(str(tmp_path / "log"), clock=lambda: now["t"])
+    parts = [Path(log.append(_events(2, start=2 * k)).part) for k in range(2)]
+    saved = {p: p.read_bytes() for p in parts}
+    now["t"] = T0 + timedelta(days=1)
+    log.compact()
+    for p, data in saved.items():  # as if the compaction died before deleting the parts it merged
+        p.write_bytes(data)
+    assert len(log.read()) == 4  # not 8
+    assert log.compact() == 2  # the leftovers are removed
+    assert len(log.read()) == 4
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="''"):
+        EventLog("")
+    with pytest.raises(ConfigError, match="list"):
+        EventLog(str(tmp_path), known_items=["i1"])
+    with pytest.raises(ConfigError, match="yesterday"):
+        EventLog(str(tmp_path)).read(since="yesterday")
