@@ -3,7 +3,8 @@
 One row per user in a collection of the catalogue's content space: the primary key ``item_id`` holds the *user* id
 (as ``jobs/build_profiles`` stores users), ``vector`` the session vector (``common.profiles.session_update`` folded
 over the session's positively weighted events), and the scalar fields ``n_events`` (int), ``updated_at`` (ISO UTC
-of the latest event), ``recent`` and ``seen`` (JSON lists of item ids, newest first).
+of the latest event), ``recent`` and ``seen`` (JSON objects ``{"items": [ids, newest first]}``: a Milvus
+server's JSON field must hold an object at the top level; Milvus Lite takes a bare list).
 
 Rules, per user, events in time order:
 
@@ -158,12 +159,19 @@ def _timestamps(ts: pd.Series) -> pd.Series:
     return out
 
 
+def _items(value: object) -> tuple[str, ...]:
+    """A stored id list: ``{"items": [...]}`` (a Milvus server's JSON field must hold an object at the top)."""
+    if isinstance(value, dict):
+        value = value.get("items") or []
+    return tuple(value or ())
+
+
 def _session(row: dict) -> Session:
     return Session(user_id=row["item_id"], vector=np.asarray(row["vector"], dtype=np.float32),
-                   recent=tuple(row["recent"]), seen=tuple(row["seen"]), n_events=int(row["n_events"]),
+                   recent=_items(row["recent"]), seen=_items(row["seen"]), n_events=int(row["n_events"]),
                    updated_at=row["updated_at"])
 
 
 def _row(s: Session) -> dict:
     return {"item_id": s.user_id, "vector": s.vector, "n_events": s.n_events, "updated_at": s.updated_at,
-            "recent": list(s.recent), "seen": list(s.seen)}
+            "recent": {"items": list(s.recent)}, "seen": {"items": list(s.seen)}}

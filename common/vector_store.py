@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ _IDS_PER_REQUEST = 1000
 EXACT_FILTER_ROWS = 256  # a filter matching at most this many rows is searched exactly (brute force)
 EXACT_FALLBACK_ROWS = 16384  # ... and up to this many when graph search still came back short
 MAX_EF = 4096  # the widest HNSW beam a filtered search asks for
+COUNT_TTL_S = 10.0  # how long a filter's match count (which picks the filtered-search strategy) is reused
 _FILTER_HINT = re.compile(r"expr|pars|field|column|token|compar|operator|syntax|unexpected|type|invalid|predicate")
 
 
@@ -198,6 +200,7 @@ class MilvusStore:
         self._start_timeout = start_timeout
         self._specs: dict[str, CollectionSpec] = {}
         self._dirty: set[str] = set()
+        self._counts: dict[tuple[str, str], tuple[int, float]] = {}  # (collection, filter) -> (matches, when)
         self._closed = False
         self._open_args = {"connect_timeout": connect_timeout, "call_timeout": call_timeout,
                            "start_timeout": start_timeout}
@@ -305,6 +308,7 @@ class MilvusStore:
             logger.info("Dropped collection %s", name)
         self._specs.pop(name, None)
         self._dirty.discard(name)
+        self._forget_counts(name)
 
     # ------------------------------------------------------------------------------------------- rows
 
@@ -323,6 +327,7 @@ class MilvusStore:
         for start in range(0, len(prepared_rows), step):
             self._call("upsert", name, "upsert", name, prepared_rows[start:start + step])
             self._dirty.add(name)
+        self._forget_counts(name)
         return len(prepared_rows)
 
     def delete(self, name: str, ids: list[str]) -> int:
@@ -333,6 +338,7 @@ class MilvusStore:
         for start in range(0, len(wanted), _IDS_PER_REQUEST):  # all of them: a row may have landed meanwhile
             self._call("delete", name, "delete", name, ids=wanted[start:start + _IDS_PER_REQUEST])
             self._dirty.add(name)
+        self._forget_counts(name)
         return existing
 
     def get(self, name: str, ids: list[str], with_vectors: bool = False) -> list[dict[str, Any]]:
@@ -406,12 +412,14 @@ class MilvusStore:
         # A filter starves graph search: HNSW walks the graph and drops non-matching nodes, so a selective
         # filter returned 0 of 10 hits here at 1.6% selectivity (milvus-io/milvus #44854). So: count the
         # matches, search small sets exactly, and widen ef by the inverse selectivity for the rest.
-        matches = self._count_matching(name, expr, filter)
+        # The counts only choose the strategy: they are taken on the filter alone (not the excluded ids, which
+        # differ per request) and kept for COUNT_TTL_S or until this store writes to the collection.
+        matches = self._cached_count(name, filter)
         if matches == 0:
             return [[] for _ in queries]
         if matches <= EXACT_FILTER_ROWS:
             return self._exact(name, spec, queries, k, expr)
-        total = max(matches, self._count_matching(name, "", None))
+        total = max(matches, self._cached_count(name, ""))
         ef = min(MAX_EF, max(64, 2 * k * -(-total // matches)))
         results = self._ann(name, spec, queries, k, expr, filter, ef=ef)
         short = [i for i, hits in enumerate(results) if len(hits) < min(k, matches)]
@@ -434,6 +442,17 @@ class MilvusStore:
         return [[Hit(item_id=str(h[PRIMARY_KEY] if PRIMARY_KEY in h else h["id"]),
                      score=float(h["distance"]), fields=dict(h.get("entity") or {})) for h in hits]
                 for hits in res]
+
+    def _forget_counts(self, name: str) -> None:
+        for key in [key for key in self._counts if key[0] == name]:
+            self._counts.pop(key, None)
+
+    def _cached_count(self, name: str, user_filter: str) -> int:
+        key, now = (name, user_filter.strip()), time.monotonic()
+        hit = self._counts.get(key)
+        if hit is None or hit[0] == 0 or now - hit[1] > COUNT_TTL_S:  # "none match" is never served stale
+            hit = self._counts[key] = (self._count_matching(name, key[1], key[1] or None), now)
+        return hit[0]
 
     def _count_matching(self, name: str, expr: str, user_filter: str | None) -> int:
         res = self._call("search", name, "query", name, filter=expr, output_fields=["count(*)"],

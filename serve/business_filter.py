@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from ray import serve
 
-from common.business_rules import BusinessRules, Ranked, apply_rules
+from common.business_rules import BusinessRules, apply_rules
+from serve.messages import Ranking
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,11 @@ class BusinessFilter:
         """The configured rules narrowed by one request's parameters."""
         return self.rules.merged(overrides or {}) if overrides else self.rules
 
-    def apply(self, ranked: Sequence[Ranked], k: int, overrides: Mapping[str, Any] | None = None,
-              seen: Sequence[str] = (), pinned_fields: Mapping[str, dict] | None = None,
-              use_pinned: bool = True) -> list[Ranked]:
+    def apply(self, ranking: Ranking, k: int, overrides: Mapping[str, Any] | None = None,
+              use_pinned: bool = False) -> Ranking:
+        """The ``k`` results the rules allow, pinned items first (only where ``use_pinned``)."""
         rules = self.effective(overrides)
         if not use_pinned and rules.pinned:
             rules = dataclasses.replace(rules, pinned=())
-        return apply_rules(ranked, rules, k, seen=seen, pinned_fields=pinned_fields)
+        kept = apply_rules(ranking.items, rules, k, seen=ranking.seen, pinned_fields=ranking.pinned_fields)
+        return dataclasses.replace(ranking, items=kept, seen=[], pinned_fields={})

@@ -16,14 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from common.business_rules import Ranked
+from common.business_rules import BusinessRules
 from common.errors import ConfigError, NotFoundError, StoreUnavailableError, VitrineError
 from common.user_history import segment_of
 from serve.config import MAX_EVENTS, MAX_K, ServeConfig
+from serve.messages import Ranking
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 5
+RULES_TTL_S = 1.0  # how stale the ingress's copy of the business rules (for pushdown) may be
 
 
 class Event(BaseModel):
@@ -74,8 +76,11 @@ def error_response(e: BaseException) -> JSONResponse:
     if isinstance(e, (BackPressureError, RayActorError, ActorDiedError, ActorUnavailableError)):
         return JSONResponse({"error": "a serving stage is overloaded or restarting; retry shortly"},
                             status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
-    if isinstance(e, (ConfigError, VitrineError)):
+    if isinstance(e, (ValueError, ConfigError)) and isinstance(e, VitrineError):  # bad input: filters, values
         return JSONResponse({"error": message}, status_code=422)
+    if isinstance(e, VitrineError):  # a server-side failure we understand (the store refused a write, ...)
+        log.error("request failed: %s", message)
+        return JSONResponse({"error": message}, status_code=500)
     log.exception("unexpected error", exc_info=e)
     return JSONResponse({"error": f"internal error ({type(e).__name__})"}, status_code=500)
 
@@ -96,10 +101,10 @@ def _overrides(category: list[str] | None, price_min: float | None, price_max: f
     return out
 
 
-def _body(strategy: str, results: list[Ranked], t0: float, **extra: Any) -> dict[str, Any]:
-    return {"strategy": strategy, **extra, "took_ms": round((time.perf_counter() - t0) * 1e3, 2),
+def _body(ranking: Ranking, t0: float, **extra: Any) -> dict[str, Any]:
+    return {"strategy": ranking.strategy, **extra, "took_ms": round((time.perf_counter() - t0) * 1e3, 2),
             "items": [{"item_id": r.item_id, "score": round(float(r.score), 5), **r.fields, "reasons": r.reasons}
-                      for r in results]}
+                      for r in ranking.items]}
 
 
 K = Query(10, ge=1, le=MAX_K, description=f"number of results (1-{MAX_K})")
@@ -111,21 +116,28 @@ PRICE_MAX = Query(None, ge=0)
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
+    """Each request is a chain of handle calls, retrieval -> rerank -> filter, passing each stage's response to
+    the next without waiting here (Serve resolves it in the next replica), so candidates never travel through
+    the ingress. The business rules are read from the filter at most once a second, to push their hard
+    filters into retrieval; the filter applies its own current rules last."""
+
     def __init__(self, cfg: ServeConfig, retriever: DeploymentHandle, reranker: DeploymentHandle,
                  business_filter: DeploymentHandle, events: DeploymentHandle) -> None:
         self.cfg = cfg
         self.retriever, self.reranker, self.filter, self.events = retriever, reranker, business_filter, events
+        self._rules: BusinessRules | None = None
+        self._rules_at = 0.0
 
     def _pool(self, k: int) -> int:
         return max(self.cfg.candidates, 3 * k)
 
-    async def _finish(self, found, k: int, overrides: dict[str, Any], pinned: bool = False) -> list[Ranked]:
-        ranked = await self.reranker.rank.remote(found)
-        rules = await self.filter.effective.remote(overrides)
-        pinned_fields = None
-        if pinned and rules.pinned:
-            pinned_fields = await self.retriever.item_fields.remote(list(rules.pinned))
-        return await self.filter.apply.remote(ranked, k, overrides, found.seen, pinned_fields, pinned)
+    async def _effective(self, overrides: dict[str, Any]) -> BusinessRules:
+        if self._rules is None or time.monotonic() - self._rules_at > RULES_TTL_S:
+            self._rules, self._rules_at = await self.filter.current.remote(), time.monotonic()
+        return self._rules.merged(overrides) if overrides else self._rules
+
+    async def _ranked(self, found, k: int, overrides: dict[str, Any], pinned: bool = False) -> Ranking:
+        return await self.filter.apply.remote(self.reranker.rank.remote(found), k, overrides, pinned)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -146,15 +158,15 @@ class Ingress:
                       price_min: float | None = PRICE_MIN, price_max: float | None = PRICE_MAX) -> dict[str, Any]:
         t0 = time.perf_counter()
         overrides = _overrides(category, price_min, price_max)
-        rules = await self.filter.effective.remote(overrides)
-        found = await self.retriever.similar.remote(item_id, self._pool(k), rules.milvus_filter())
-        return _body("similar", await self._finish(found, k, overrides), t0, item_id=item_id)
+        rules = await self._effective(overrides)
+        found = self.retriever.similar.remote(item_id, self._pool(k), rules.milvus_filter())
+        return _body(await self._ranked(found, k, overrides), t0, item_id=item_id)
 
     @api.get("/items/{item_id}/bought-together")
     async def bought_together(self, item_id: str, k: int = K) -> dict[str, Any]:
         t0 = time.perf_counter()
-        found = await self.retriever.bought_together.remote(item_id, self._pool(k))
-        return _body("bought_together", await self._finish(found, k, {}), t0, item_id=item_id)
+        found = self.retriever.bought_together.remote(item_id, self._pool(k))
+        return _body(await self._ranked(found, k, {}), t0, item_id=item_id)
 
     @api.get("/users/{user_id}/recommendations")
     async def recommendations(self, user_id: str, k: int = K, category: list[str] | None = CATEGORY,
@@ -164,11 +176,11 @@ class Ingress:
                               ) -> dict[str, Any]:
         t0 = time.perf_counter()
         overrides = _overrides(category, price_min, price_max)
-        rules = await self.filter.effective.remote(overrides)
-        found = await self.retriever.for_user.remote(user_id, self._pool(k), rules.milvus_filter(),
-                                                     segment_of(age, region), rules.exclude_seen)
-        results = await self._finish(found, k, overrides, pinned=True)
-        return _body(found.strategy, results, t0, user_id=user_id, segment=found.segment)
+        rules = await self._effective(overrides)
+        found = self.retriever.for_user.remote(user_id, self._pool(k), rules.milvus_filter(), segment_of(age, region),
+                                               rules.exclude_seen, rules.pinned)
+        ranking = await self._ranked(found, k, overrides, pinned=True)
+        return _body(ranking, t0, user_id=user_id, segment=ranking.segment)
 
     @api.get("/search")
     async def search(self, q: str = Query(..., min_length=1, max_length=512, description="free-text query"),
@@ -176,9 +188,9 @@ class Ingress:
                      price_max: float | None = PRICE_MAX) -> dict[str, Any]:
         t0 = time.perf_counter()
         overrides = _overrides(category, price_min, price_max)
-        rules = await self.filter.effective.remote(overrides)
-        found = await self.retriever.search.remote(q, self._pool(k), rules.milvus_filter())
-        return _body("search", await self._finish(found, k, overrides), t0, query=q)
+        rules = await self._effective(overrides)
+        found = self.retriever.search.remote(q, self._pool(k), rules.milvus_filter())
+        return _body(await self._ranked(found, k, overrides), t0, query=q)
 
     @api.post("/events")
     async def post_events(self, batch: EventBatch) -> Any:

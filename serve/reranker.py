@@ -14,9 +14,10 @@ from ray import serve
 
 from common.business_rules import Ranked
 from common.events import load_events
+from common.item_table import ItemTable
 from common.ranking import ItemStats, feature_matrix, load_latest_ranker, mmr
 from serve.config import ServeConfig
-from serve.retriever import Retrieval
+from serve.messages import Ranking, Retrieval
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Reranker:
                                              None if cfg.ranker == "latest" else cfg.ranker)
         events = load_events(cfg.events).valid if cfg.events else None
         self.stats = ItemStats.from_events(events) if events is not None else ItemStats({}, {})
+        self.table = ItemTable.load(cfg.artifacts_uri, cfg.collection, cfg.kind)  # vectors for MMR and features
 
     def ready(self) -> dict:
         return {"ranker": self.ranker.identity if self.ranker else "none"}
@@ -46,11 +48,15 @@ class Reranker:
         scores = self.ranker.score(np.concatenate(blocks)) if sum(sizes) else np.zeros(0, np.float32)
         return list(np.split(scores, np.cumsum(sizes)[:-1]))
 
-    async def rank(self, found: Retrieval) -> list[Ranked]:
+    async def rank(self, found: Retrieval) -> Ranking:
         """All candidates, best first (the business filter cuts to k after its rules)."""
         cands = found.candidates
+        out = Ranking(found.strategy, [], seen=found.seen, segment=found.segment, pinned_fields=found.pinned_fields)
         if not cands:
-            return []
+            return out
+        for c in cands:
+            if c.vector is None:
+                c.vector = self.table.vector(c.item_id)
         if found.strategy in PERSONAL:
             if self.ranker is not None:
                 scores = await self._predict(feature_matrix(cands, found.context, self.stats,
@@ -65,13 +71,12 @@ class Reranker:
             model, lam = None, 1.0
         vectors = np.stack([c.vector for c in cands]) if all(c.vector is not None for c in cands) else None
         order = mmr(np.asarray(scores, dtype=np.float32), vectors, k=len(cands), lam=lam)
-        out = []
         for i in order:
             c = cands[int(i)]
             reasons = list(c.reasons)
             if model:
                 reasons.append({"source": "ranker", "model": model, "score": round(float(scores[i]), 4)})
-            out.append(Ranked(c.item_id, float(scores[i]), dict(c.fields), reasons))
+            out.items.append(Ranked(c.item_id, float(scores[i]), dict(c.fields), reasons))
         return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -23,12 +23,14 @@ from common.catalog import read_table
 from common.errors import NotFoundError
 from common.events import load_events
 from common.item_index import collection_name
+from common.item_table import ItemTable
 from common.ranking import Candidate, ItemStats, UserContext, merge_candidates, user_context
 from common.rules import BoughtTogether
 from common.session_store import Session, SessionStore
 from common.user_history import UserHistory
 from common.vector_store import Hit, open_store
 from serve.config import ServeConfig
+from serve.messages import Retrieval
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +41,6 @@ PROFILE_KIND = "fused"  # the profiles job writes <collection>_users_<kind>
 
 def sessions_collection(base: str) -> str:
     return f"{base}_sessions"
-
-
-@dataclass
-class Retrieval:
-    """What the retriever found for one request."""
-
-    strategy: str  # personal | session | popular | similar | bought_together | search
-    candidates: list[Candidate]
-    seen: list[str] = field(default_factory=list)  # items the user already interacted with (for the filter)
-    recent: list[str] = field(default_factory=list)  # the user's latest items, newest first
-    context: UserContext = field(default_factory=UserContext)  # affinities and profile (ranking features)
-    segment: str | None = None
 
 
 @serve.deployment
@@ -65,6 +55,7 @@ class Retriever:
         spec = self.store.describe(self.content)  # NotFoundError when the catalogue was never embedded
         self.sessions = SessionStore(self.store, sessions_collection(cfg.collection), dim=spec.dim, model=spec.model,
                                      gap_seconds=cfg.session_gap_s)
+        self.table = ItemTable.load(cfg.artifacts_uri, cfg.collection, cfg.kind)
         events = load_events(cfg.events).valid if cfg.events else None
         if events is None:
             log.warning("no events file configured: no offline history, popularity from nothing")
@@ -74,15 +65,14 @@ class Retriever:
         # affinities from the user's whole positive history (common.ranking.user_context).
         self.stats = ItemStats.from_events(events) if events is not None else ItemStats({}, {})
         self.user_events = dict(tuple(events.groupby("user_id", sort=False))) if events is not None else {}
-        self.fields_by_id = {r["item_id"]: r for batch in self.store.scan(self.content, ["category", "brand", "price"])
-                            for r in batch}
         self._contexts: dict[str, UserContext] = {}
         self.rules = self._load_rules()
         self.learned = self._learned_models()
         self.profiles = f"{cfg.collection}_users_{PROFILE_KIND}"
         self.has_profiles = self.store.has_collection(self.profiles)
-        log.info("retriever ready: %d known users, rules=%s, learned=%s, profiles=%s", len(self.history.seen),
-                 self.rules is not None, self.learned, self.has_profiles)
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="retriever-io")
+        log.info("retriever ready: %d items, %d known users, rules=%s, learned=%s, profiles=%s", len(self.table.ids),
+                 len(self.history.seen), self.rules is not None, self.learned, self.has_profiles)
 
     # ---- start-up -------------------------------------------------------------------------------------------
     def _load_rules(self) -> BoughtTogether | None:
@@ -100,48 +90,39 @@ class Retriever:
                 if f"{self.cfg.collection}_{m}_users" in names and f"{self.cfg.collection}_{m}_items" in names]
 
     def ready(self) -> dict[str, Any]:
-        self.store.count(self.content)  # raises StoreUnavailableError when Milvus is down
-        return {"items": self.store.count(self.content), "users": len(self.history.seen),
-                "rules": self.rules is not None, "learned": self.learned, "profiles": self.has_profiles}
+        items = self.store.count(self.content)  # raises StoreUnavailableError when Milvus is down
+        return {"items": items, "users": len(self.history.seen), "rules": self.rules is not None,
+                "learned": self.learned, "profiles": self.has_profiles, "snapshot": self.table.version}
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _search(self, name: str, vectors: np.ndarray, n: int, expr: str | None, exclude: list[str]) -> list[list[Hit]]:
         return self.store.search(name, np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1), k=n,
                                  filter=expr, exclude_ids=exclude)
 
-    def _attach(self, cands: list[Candidate]) -> list[Candidate]:
-        """Fields and content vectors of every candidate in one read (items gone from the catalogue dropped)."""
-        if not cands:
-            return cands
-        rows = {r["item_id"]: r for r in self.store.get(self.content, [c.item_id for c in cands], with_vectors=True)}
+    def _attach(self, cands: list[Candidate], fresh: set[str] = frozenset()) -> list[Candidate]:
+        """Current fields for candidates that did not come from a search of the content collection (one read,
+        no vectors); items gone from the catalogue are dropped."""
+        missing = [c.item_id for c in cands if c.item_id not in fresh]
+        rows = {r["item_id"]: r for r in self.store.get(self.content, missing)} if missing else {}
         kept = []
         for c in cands:
-            row = rows.get(c.item_id)
-            if row is None:
+            if c.item_id in rows:
+                c.fields = {k: rows[c.item_id].get(k) for k in SHOWN_FIELDS}
+            elif c.item_id not in fresh:
                 continue
-            c.fields = {k: row.get(k) for k in SHOWN_FIELDS}
-            c.vector = np.asarray(row["vector"], dtype=np.float32)
             kept.append(c)
         return kept
 
     def _require_item(self, item_id: str) -> None:
-        if not self.store.get(self.content, [item_id]):
+        if item_id not in self.table.index and not self.store.get(self.content, [item_id]):
             raise NotFoundError(f"unknown item_id {item_id!r}")
 
-    def _item_neighbours(self, seeds: list[str], n: int, expr: str | None, exclude: list[str],
-                         space: str) -> list[Candidate]:
-        if not seeds:
-            return []
-        rows = self.store.get(space, seeds, with_vectors=True)
-        if not rows:
-            return []
-        hits = self._search(space, np.stack([r["vector"] for r in rows]), n, expr, exclude + seeds)
-        out: dict[str, Candidate] = {}
-        for row, found in zip(rows, hits):
-            for h in found:
-                c = out.setdefault(h.item_id, Candidate(h.item_id))
-                c.add("item", h.score, {"source": "item", "because": row["item_id"], "score": round(h.score, 4)})
-        return list(out.values())
+    def _hits(self, hits: list[Hit], source: str, reason: dict[str, Any], out: dict[str, Candidate]) -> None:
+        for h in hits:
+            c = out.get(h.item_id)
+            if c is None:
+                c = out[h.item_id] = Candidate(h.item_id, fields={k: h.fields.get(k) for k in SHOWN_FIELDS})
+            c.add(source, float(h.score), {**reason, "score": round(float(h.score), 4)})
 
     def _learned_items(self, model: str, vector: np.ndarray, n: int, expr: str | None, exclude: list[str],
                        because: str | None = None) -> list[Candidate]:
@@ -175,15 +156,25 @@ class Retriever:
                 break
         return out
 
+    def _pinned(self, pinned: list[str] | tuple[str, ...]) -> dict[str, dict]:
+        if not pinned:
+            return {}
+        return {r["item_id"]: {k: r.get(k) for k in SHOWN_FIELDS} for r in self.store.get(self.content, list(pinned))}
+
     # ---- endpoints ----------------------------------------------------------------------------------------------
     def similar(self, item_id: str, n: int, expr: str | None = None) -> Retrieval:
-        self._require_item(item_id)
-        cands = self._item_neighbours([item_id], n, expr, [], self.similar_space)
+        rows = self.store.get(self.similar_space, [item_id], with_vectors=True)
+        if not rows:
+            raise NotFoundError(f"unknown item_id {item_id!r}")
+        out: dict[str, Candidate] = {}
+        self._hits(self._search(self.similar_space, np.asarray(rows[0]["vector"])[None, :], n, expr, [item_id])[0],
+                   "item", {"source": "item", "because": item_id}, out)
+        cands = list(out.values())
         for model in self.learned:
-            rows = self.store.get(f"{self.cfg.collection}_{model}_items", [item_id], with_vectors=True)
-            if rows:
-                cands += self._learned_items(model, np.asarray(rows[0]["vector"]), n, expr, [item_id], item_id)
-        return Retrieval("similar", self._attach(merge_candidates([cands])))
+            found = self.store.get(f"{self.cfg.collection}_{model}_items", [item_id], with_vectors=True)
+            if found:
+                cands += self._learned_items(model, np.asarray(found[0]["vector"]), n, expr, [item_id], item_id)
+        return Retrieval("similar", self._attach(merge_candidates([cands]), fresh=set(out)))
 
     def bought_together(self, item_id: str, n: int, expr: str | None = None) -> Retrieval:
         self._require_item(item_id)
@@ -200,48 +191,60 @@ class Retriever:
         if self.text_encoder is None:
             raise NotFoundError("text search is not configured (no text encoder)")
         vector = await self.text_encoder.encode.remote(query)
-        hits = self._search(self.content, np.asarray(vector)[None, :], n, expr, [])[0]
-        return Retrieval("search", self._attach([_cand(h, "text", {"source": "text", "query": query,
-                                                                   "score": round(h.score, 4)}) for h in hits]))
+        out: dict[str, Candidate] = {}
+        self._hits(self._search(self.content, np.asarray(vector)[None, :], n, expr, [])[0], "text",
+                   {"source": "text", "query": query}, out)
+        return Retrieval("search", list(out.values()))
 
     def for_user(self, user_id: str, n: int, expr: str | None = None, segment: str | None = None,
-                 exclude_seen: bool = True) -> Retrieval:
+                 exclude_seen: bool = True, pinned: tuple[str, ...] = ()) -> Retrieval:
+        """Candidates for a user from every source. Store round trips: the user's vectors and session (in
+        parallel), one batched search for profile + session + seed items, one read of the fields of candidates
+        that came from memory (rules, popular)."""
         t0 = time.perf_counter()
-        session: Session | None = self.sessions.get(user_id)
+        session_f = self._pool.submit(self.sessions.get, user_id)
+        profile_f = self._pool.submit(self._user_vector, self.profiles, user_id) if self.has_profiles else None
+        learned_f = {m: self._pool.submit(self._user_vector, f"{self.cfg.collection}_{m}_users", user_id)
+                     for m in self.learned}
+        pinned_f = self._pool.submit(self._pinned, pinned) if pinned else None
+        session: Session | None = session_f.result()
+        profile = profile_f.result() if profile_f is not None else None
+        learned = {m: f.result() for m, f in learned_f.items()}
         seen = list(dict.fromkeys([*(session.seen if session else ()), *self.history.seen.get(user_id, ())]))
         recent = list(dict.fromkeys([*(session.recent if session else ()), *self.history.recent.get(user_id, ())]))
-        seeds = recent[:self.cfg.recent_items]
         exclude = seen if exclude_seen else []
         segment = segment or self.history.segments.get(user_id)
-        lists: list[list[Candidate]] = []
-        profile = self._user_vector(self.profiles, user_id) if self.has_profiles else None
-        learned = {m: self._user_vector(f"{self.cfg.collection}_{m}_users", user_id) for m in self.learned}
+        live = session is not None and session.vector is not None
         if profile is not None or any(v is not None for v in learned.values()) or self.history.knows(user_id):
             strategy = "personal"
-        elif session is not None and session.vector is not None:
-            strategy = "session"
         else:
-            strategy = "popular"
+            strategy = "session" if live else "popular"
+        seeds, seed_vectors = self.table.lookup(recent[:self.cfg.recent_items])
+        queries, kinds = [], []
         if profile is not None:
-            hits = self._search(self.content, profile[None, :], n, expr, exclude)[0]
-            lists.append([_cand(h, "profile", {"source": "profile", "score": round(h.score, 4)}) for h in hits])
-        for model, vector in learned.items():
-            if vector is not None:
-                lists.append(self._learned_items(model, vector, n, expr, exclude))
-        if session is not None and session.vector is not None:
-            hits = self._search(self.content, session.vector[None, :], n, expr, exclude)[0]
-            lists.append([_cand(h, "session", {"source": "session", "events": session.n_events,
-                                               "score": round(h.score, 4)}) for h in hits])
-        lists.append(self._item_neighbours(seeds, max(n // max(len(seeds), 1), 10), expr, exclude, self.content))
-        lists.append(self._rules(seeds, n, exclude))
-        lists.append(self._popular(segment, n, set(exclude)))
-        cands = self._attach(merge_candidates(lists))
+            queries.append(profile), kinds.append(("profile", {"source": "profile"}))
+        if live:
+            queries.append(session.vector)
+            kinds.append(("session", {"source": "session", "events": session.n_events}))
+        for seed, vector in zip(seeds, seed_vectors):
+            queries.append(vector), kinds.append(("item", {"source": "item", "because": seed}))
+        found: dict[str, Candidate] = {}
+        learned_f = {m: self._pool.submit(self._learned_items, m, v, n, expr, exclude)
+                     for m, v in learned.items() if v is not None}
+        if queries:
+            per_seed = max(n // max(len(seeds), 1), 10)
+            hits = self._search(self.content, np.stack(queries), n, expr, exclude + seeds)
+            for (source, reason), h in zip(kinds, hits):
+                self._hits(h[:per_seed] if source == "item" else h, source, reason, found)
+        lists = [list(found.values()), *(f.result() for f in learned_f.values()), self._rules(seeds, n, exclude),
+                 self._popular(segment, n, set(exclude))]
+        cands = self._attach(merge_candidates(lists), fresh=set(found))
+        if profile is None and live:
+            profile = session.vector
         log.debug("retrieved %d candidates for %s (%s) in %.1f ms", len(cands), user_id, strategy,
                   (time.perf_counter() - t0) * 1e3)
-        if profile is None and session is not None and session.vector is not None:
-            profile = session.vector
         return Retrieval(strategy, cands, seen=seen, recent=recent, context=self._context(user_id, session, profile),
-                         segment=segment)
+                         segment=segment, pinned_fields=pinned_f.result() if pinned_f is not None else {})
 
     def _context(self, user_id: str, session: Session | None, profile: np.ndarray | None) -> UserContext:
         """Category and brand affinity and price level over the user's positive history (and live session)."""
@@ -250,29 +253,19 @@ class Retriever:
         if not live:
             if user_id not in self._contexts:
                 frame = offline if offline is not None else pd.DataFrame(columns=["item_id", "event"])
-                self._contexts[user_id] = user_context(frame, self.fields_by_id)
+                self._contexts[user_id] = user_context(frame, self.table.fields)
             return dataclasses.replace(self._contexts[user_id], profile=profile)
         frame = pd.DataFrame({"item_id": live, "event": "view", "button": None, "value": None})
         if offline is not None:
             frame = pd.concat([offline[frame.columns], frame], ignore_index=True)
-        return user_context(frame, self.fields_by_id, profile)
+        return user_context(frame, self.table.fields, profile)
 
     def _user_vector(self, name: str, user_id: str) -> np.ndarray | None:
         rows = self.store.get(name, [user_id], with_vectors=True)
         return np.asarray(rows[0]["vector"], dtype=np.float32) if rows else None
 
-    def item_fields(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Fields of items by id (for pinned items that retrieval did not bring)."""
-        return {r["item_id"]: {k: r.get(k) for k in SHOWN_FIELDS} for r in self.store.get(self.content, ids)}
-
-    def item_vectors(self, ids: list[str]) -> dict[str, np.ndarray]:
-        """Content vectors by id (the events sink folds them into session vectors)."""
-        return {r["item_id"]: np.asarray(r["vector"], dtype=np.float32)
-                for r in self.store.get(self.content, ids, with_vectors=True)}
-
 
 def _cand(hit: Hit, source: str, reason: dict[str, Any]) -> Candidate:
-    c = Candidate(hit.item_id)
+    c = Candidate(hit.item_id, fields={k: hit.fields.get(k) for k in SHOWN_FIELDS})
     c.add(source, float(hit.score), reason)
     return c
-

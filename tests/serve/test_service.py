@@ -239,7 +239,9 @@ def test_business_rules_change_at_run_time_without_a_restart(service):
         sim = ok(service, f"/items/{item}/similar", k=5)["items"]
         assert sim and all(r["category"] != denied for r in sim)
         assert len({r["category"] for r in sim}) == len(sim)  # at most one per category
-        recs = ok(service, f"/users/{service['shop']['events']['user_id'].iloc[0]}/recommendations", k=5)["items"]
+        user = service["shop"]["events"]["user_id"].iloc[0]
+        time.sleep(1.5)  # the ingress re-reads the rules (for pushdown and pinned items) once a second
+        recs = ok(service, f"/users/{user}/recommendations", k=5)["items"]
         assert recs[0]["item_id"] == pinned and recs[0]["reasons"][0]["source"] == "pinned"
         assert replicas() == before  # reconfigured in place
     finally:

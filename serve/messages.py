@@ -1,0 +1,33 @@
+"""What the stages pass each other: the retriever's candidates and the reranker's ranking (plain dataclasses that
+Ray pickles between replicas)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.business_rules import Ranked
+from common.ranking import Candidate, UserContext
+
+
+@dataclass
+class Retrieval:
+    """What the retriever found for one request (candidates carry fields, not vectors: the reranker holds the
+    same vector table)."""
+
+    strategy: str  # personal | session | popular | similar | bought_together | search
+    candidates: list[Candidate]
+    seen: list[str] = field(default_factory=list)  # items the user already interacted with (for the filter)
+    recent: list[str] = field(default_factory=list)  # the user's latest items, newest first
+    context: UserContext = field(default_factory=UserContext)  # affinities and profile (ranking features)
+    segment: str | None = None
+    pinned_fields: dict[str, dict] = field(default_factory=dict)  # fields of pinned items (the filter places them)
+
+
+@dataclass
+class Ranking:
+    """The reranker's answer: every candidate best first, with what the business filter needs besides."""
+
+    strategy: str  # as the retrieval's
+    items: list[Ranked]  # best first; the business filter keeps k of them
+    seen: list[str] = field(default_factory=list)  # the retrieval's seen items (excluded by the filter)
+    segment: str | None = None
+    pinned_fields: dict[str, dict] = field(default_factory=dict)  # the retrieval's pinned items' fields
