@@ -67,6 +67,7 @@ _IDS_PER_REQUEST = 1000
 EXACT_FILTER_ROWS = 256  # a filter matching at most this many rows is searched exactly (brute force)
 EXACT_FALLBACK_ROWS = 16384  # ... and up to this many when graph search still came back short
 MAX_EF = 4096  # the widest HNSW beam a filtered search asks for
+DEFAULT_EF = 64  # HNSW beam of an unfiltered search (open_store(search_ef=...): recall against latency)
 COUNT_TTL_S = 10.0  # how long a filter's match count (which picks the filtered-search strategy) is reused
 _FILTER_HINT = re.compile(r"expr|pars|field|column|token|compar|operator|syntax|unexpected|type|invalid|predicate")
 
@@ -129,12 +130,25 @@ class VectorStore(Protocol):
 
 
 def open_store(uri: str, *, connect_timeout: float = 5.0, call_timeout: float = 120.0,
-               start_timeout: float = 60.0) -> MilvusStore:
+               start_timeout: float = 60.0, search_ef: int = DEFAULT_EF) -> MilvusStore:
     """Open the store at ``uri`` (see the module docstring); StoreUnavailableError when it cannot be reached.
 
     ``connect_timeout`` bounds reaching the server, ``call_timeout`` each call, ``start_timeout`` starting the local
     Milvus Lite server. The store pickles as its URI (a Ray task or actor that receives it connects again).
     """
+    store = _open(uri, connect_timeout, call_timeout, start_timeout)
+    store.search_ef = check_ef(search_ef)
+    store._open_args["search_ef"] = store.search_ef
+    return store
+
+
+def check_ef(ef: int) -> int:
+    if isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or not 1 <= int(ef) <= MAX_EF:
+        raise ConfigError(f"search_ef must be an integer in [1, {MAX_EF}]. Got {ef!r}")
+    return int(ef)
+
+
+def _open(uri: str, connect_timeout: float, call_timeout: float, start_timeout: float) -> MilvusStore:
     target = parse_store_uri(uri)
     if target.kind == "server":
         return MilvusStore(uri, target.location, connect_timeout=connect_timeout, call_timeout=call_timeout)
@@ -198,6 +212,7 @@ class MilvusStore:
         self._connect_timeout = connect_timeout
         self._data_dir = data_dir
         self._start_timeout = start_timeout
+        self.search_ef = DEFAULT_EF  # HNSW beam of unfiltered searches; filtered ones widen it (see search)
         self._specs: dict[str, CollectionSpec] = {}
         self._dirty: set[str] = set()
         self._counts: dict[tuple[str, str], tuple[int, float]] = {}  # (collection, filter) -> (matches, when)
@@ -408,7 +423,7 @@ class MilvusStore:
         self._before_read(name)
         k = int(k)
         if not (filter or "").strip():
-            return self._ann(name, spec, queries, k, expr, filter, ef=max(64, k))
+            return self._ann(name, spec, queries, k, expr, filter, ef=max(self.search_ef, k))
         # A filter starves graph search: HNSW walks the graph and drops non-matching nodes, so a selective
         # filter returned 0 of 10 hits here at 1.6% selectivity (milvus-io/milvus #44854). So: count the
         # matches, search small sets exactly, and widen ef by the inverse selectivity for the rest.
@@ -420,7 +435,7 @@ class MilvusStore:
         if matches <= EXACT_FILTER_ROWS:
             return self._exact(name, spec, queries, k, expr)
         total = max(matches, self._cached_count(name, ""))
-        ef = min(MAX_EF, max(64, 2 * k * -(-total // matches)))
+        ef = min(MAX_EF, max(self.search_ef, 2 * k * -(-total // matches)))
         results = self._ann(name, spec, queries, k, expr, filter, ef=ef)
         short = [i for i, hits in enumerate(results) if len(hits) < min(k, matches)]
         if short and matches <= EXACT_FALLBACK_ROWS:

@@ -78,6 +78,7 @@ class ServeConfig:
     ranker: str = "latest"  # "latest" published ranker (vitrine train ranker), or "none": order by summed scores
     rules: Mapping[str, Any] = field(default_factory=dict)  # business rules (common.business_rules), user_config
     session_gap_s: float = 1800.0  # a pause this long starts a new session
+    search_ef: int = 64  # HNSW beam of unfiltered searches (filtered ones widen it by 1/selectivity)
     store_timeout_s: float = 10.0  # each vector store call's deadline (then 503 + Retry-After, not a hung request)
     host: str = "127.0.0.1"  # HTTP bind address
     port: int = 8000  # HTTP port
@@ -114,8 +115,8 @@ def config_from_mapping(values: Mapping[str, Any]) -> ServeConfig:
             values[name] = None
         elif isinstance(values.get(name), str):
             values[name] = resolve_uri(values[name])
-    for name, cast in (("candidates", int), ("recent_items", int), ("port", int), ("diversity", float),
-                       ("session_gap_s", float), ("store_timeout_s", float)):
+    for name, cast in (("candidates", int), ("recent_items", int), ("port", int), ("search_ef", int),
+                       ("diversity", float), ("session_gap_s", float), ("store_timeout_s", float)):
         if isinstance(values.get(name), str):  # `serve run module:build_app key=value` passes strings
             try:
                 values[name] = cast(values[name])

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class EventSink:
     def __init__(self, cfg: ServeConfig) -> None:
         self.store = open_store(cfg.store_uri, connect_timeout=cfg.store_timeout_s,
-                                call_timeout=cfg.store_timeout_s)
+                                call_timeout=cfg.store_timeout_s, search_ef=cfg.search_ef)
         self.content = collection_name(cfg.collection, cfg.kind)
         spec = self.store.describe(self.content)
         self.sessions = SessionStore(self.store, sessions_collection(cfg.collection), dim=spec.dim, model=spec.model,

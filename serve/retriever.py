@@ -48,7 +48,7 @@ class Retriever:
     def __init__(self, cfg: ServeConfig, text_encoder: DeploymentHandle | None = None) -> None:
         self.cfg = cfg
         self.store = open_store(cfg.store_uri, connect_timeout=cfg.store_timeout_s,
-                                call_timeout=cfg.store_timeout_s)
+                                call_timeout=cfg.store_timeout_s, search_ef=cfg.search_ef)
         self.text_encoder = text_encoder
         self.content = collection_name(cfg.collection, cfg.kind)
         self.similar_space = collection_name(cfg.collection, cfg.similar_kind)
