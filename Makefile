@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_ITEM ?= fm-000299
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo serve serve-stop test test-all bench quality eval milvus-stop clean
+.PHONY: install demo serve serve-stop test test-all bench bench-serve quality eval milvus-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ test-all: install
 
 bench: install
 	$(PY) benchmarks/embed_throughput.py
+
+# Serving at 100k items on the Milvus standalone server: filtered recall, then the load test (about 40 minutes).
+bench-serve: install
+	$(PY) -m benchmarks.filtered_recall --items 100000 --percents 1 10 50 100 --ef 64 256 1024 --out var/bench/filtered_recall.json
+	$(PY) -m benchmarks.serve_load --items 100000 --out var/bench/serve_load.json
 
 quality: install
 	$(PY) benchmarks/image_quality.py
