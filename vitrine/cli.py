@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -123,6 +124,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from vitrine.submit import submit
+
+    env = dict(pair.split("=", 1) for pair in args.env or [])
+    return submit(args.job, address=args.address, working_dir=args.working_dir, runtime_env_file=args.runtime_env,
+                  env=env, python=args.python, follow=not args.no_follow)
+
+
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    from vitrine.submit import DEFAULT_ADDRESS
+
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS_HTTP", DEFAULT_ADDRESS),
+                   help=f"the Ray dashboard / job API (default: $RAY_ADDRESS_HTTP or {DEFAULT_ADDRESS})")
+    p.add_argument("--working-dir", default=".", help="uploaded with the job (.venv, var/, .git left out)")
+    p.add_argument("--runtime-env", help="a runtime env YAML (e.g. cluster/runtime_env.yaml)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="an environment variable for the job")
+    p.add_argument("--python", help="the Python the cluster runs (default: this one on a local head, else python)")
+    p.add_argument("--no-follow", action="store_true", help="submit and return without following the logs")
+    p.add_argument("job", nargs=argparse.REMAINDER, help="the job and its arguments, e.g. embed --catalog s3://...")
+    p.set_defaults(func=cmd_submit)
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of serve settings (serve/config.py ServeConfig; business rules "
                                     "under `rules:`)")
@@ -179,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job(sub, "align", align_encoder, "align the encoder's towers on catalogue pairs (Ray Train, LiT heads)")
 
     train = sub.add_parser("train", help="train a learned recommender on events (Ray Train)")
-    models = train.add_subparsers(dest="model", required=True)
+    models = train.add_subparsers(dest="trainer", required=True)
     _add_job(models, "two-tower", train_two_tower, "two-tower retrieval model; vectors into Milvus")
     _add_job(models, "graphsage", train_graphsage, "GraphSAGE on the user-item graph; vectors into Milvus")
     _add_job(models, "ranker", train_ranker, "the serving graph's learned reranker (candidates -> features -> model)")
@@ -191,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=lambda a: evaluate.run_and_print(a))
 
     _serve_args(sub.add_parser("serve", help="run the recommendation service (Ray Serve graph over HTTP)"))
+    _submit_args(sub.add_parser("submit", help="submit a batch job to a Ray cluster and follow it to the end"))
 
     milvus = sub.add_parser("milvus", help="the embedded Milvus Lite server behind a store folder")
     milvus.add_argument("action", choices=["start", "stop", "status"])

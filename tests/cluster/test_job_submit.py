@@ -1,4 +1,5 @@
-"""The embed job submitted with `ray job submit` to a local Ray head started like cluster/start-head.sh."""
+"""The embed job submitted to a local Ray head started like cluster/start-head.sh: with `ray job submit` (as
+cluster/submit-embed.sh does) and with `vitrine submit` (follows the logs, returns the job's status)."""
 from __future__ import annotations
 
 import os
@@ -25,10 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     """A head on loopback with its own ports and temp dir, stopped by its process group (not `ray stop`,
     which would also end the test session's own Ray)."""
+    tmp_path = tmp_path_factory.mktemp("head")
     gcs, dash, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_GCS_PORT": str(gcs), "RAY_DASHBOARD_PORT": str(dash), "RAY_DASHBOARD_AGENT_PORT": str(agent),
            "RAY_TEMP_DIR": str(Path("/tmp") / f"ray-test-{gcs}"), "RAY": str(BIN / "ray")}
@@ -84,3 +86,20 @@ def test_embed_job_runs_through_ray_job_submit(ray_head, store_dir, tmp_path):
     assert "succeeded" in done.stdout
     store = open_store(store_dir)
     assert store.count(collection_name("submitted", "fused")) == 20
+
+
+def test_vitrine_submit_follows_the_job_and_returns_its_status(ray_head, store_dir, tmp_path, capfd):
+    from vitrine.cli import main
+
+    df = tiny_catalog(tmp_path, per_class=1)
+    catalog = write(df, tmp_path / "catalog.parquet")
+    argv = ["submit", "--address", ray_head["address"], "--working-dir", str(ROOT), "embed", "--catalog", catalog,
+            "--collection", "viasubmit", "--precision", "fp32", "--store", store_dir,
+            "--artifacts", str(tmp_path / "artifacts")]
+    assert main(argv) == 0
+    out = capfd.readouterr().out
+    assert "embed viasubmit: items=10" in out and "SUCCEEDED" in out  # the job's own summary line, followed
+    assert open_store(store_dir).count(collection_name("viasubmit", "fused")) == 10
+    missing = argv[:argv.index("--catalog") + 1] + [str(tmp_path / "missing.parquet")] + argv[argv.index(catalog) + 1:]
+    assert main(missing) == 1  # the job fails on the cluster: its status comes back
+    assert "FAILED" in capfd.readouterr().out
