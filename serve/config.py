@@ -83,11 +83,12 @@ class ServeConfig:
     host: str = "127.0.0.1"  # HTTP bind address
     port: int = 8000  # HTTP port
     ingress: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.2, max_replicas=2))
-    retriever: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=3))
+    retriever: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=2))
     reranker: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.2, max_replicas=2))
     business_filter: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.1, max_replicas=2))
     events_sink: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.1, max_replicas=2))
-    text_encoder: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=2))
+    text_encoder: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=1))
+    # At their maxima the defaults reserve 1.95 logical CPUs: the whole graph can scale out on 2 cores.
 
     def __post_init__(self) -> None:
         check_base_name(self.collection)

@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from common.artifacts import ArtifactStore
 from common.catalog import read_table
 from common.errors import NotFoundError
+from common.event_log import EventLog
 from common.events import load_events
 from common.item_index import collection_name
 from common.item_table import ItemTable
@@ -56,9 +57,7 @@ class Retriever:
         self.sessions = SessionStore(self.store, sessions_collection(cfg.collection), dim=spec.dim, model=spec.model,
                                      gap_seconds=cfg.session_gap_s)
         self.table = ItemTable.load(cfg.artifacts_uri, cfg.collection, cfg.kind)
-        events = load_events(cfg.events).valid if cfg.events else None
-        if events is None:
-            log.warning("no events file configured: no offline history, popularity from nothing")
+        events = self._events()
         users = read_table(cfg.users).to_pandas() if cfg.users and events is not None else None
         self.history = UserHistory.from_events(events, users) if events is not None else UserHistory()
         # The ranker's features are computed as in training (jobs/train_ranker): popularity from ItemStats and
@@ -75,6 +74,17 @@ class Retriever:
                  len(self.history.seen), self.rules is not None, self.learned, self.has_profiles)
 
     # ---- start-up -------------------------------------------------------------------------------------------
+    def _events(self) -> pd.DataFrame | None:
+        """The offline events file and what POST /events has logged so far (a restarted service remembers)."""
+        parts = [load_events(self.cfg.events).valid] if self.cfg.events else []
+        logged = EventLog(self.cfg.event_log).read()
+        if len(logged):
+            parts.append(logged)
+        if not parts:
+            log.warning("no events file and an empty event log: no history, popularity from nothing")
+            return None
+        return pd.concat(parts, ignore_index=True).sort_values("ts", kind="stable") if len(parts) > 1 else parts[0]
+
     def _load_rules(self) -> BoughtTogether | None:
         artifacts = ArtifactStore(self.cfg.artifacts_uri)
         version = artifacts.latest("rules", self.cfg.collection)
@@ -251,9 +261,10 @@ class Retriever:
         offline = self.user_events.get(user_id)
         live = list(session.recent) if session is not None else []
         if not live:
-            if user_id not in self._contexts:
-                frame = offline if offline is not None else pd.DataFrame(columns=["item_id", "event"])
-                self._contexts[user_id] = user_context(frame, self.table.fields)
+            if offline is None:
+                return UserContext(profile=profile)
+            if user_id not in self._contexts:  # bounded by the users of the events read at start-up
+                self._contexts[user_id] = user_context(offline, self.table.fields)
             return dataclasses.replace(self._contexts[user_id], profile=profile)
         frame = pd.DataFrame({"item_id": live, "event": "view", "button": None, "value": None})
         if offline is not None:
