@@ -187,15 +187,21 @@ class Retriever:
         return Retrieval("similar", self._attach(merge_candidates([cands]), fresh=set(out)))
 
     def bought_together(self, item_id: str, n: int, expr: str | None = None) -> Retrieval:
+        """Rules first (by confidence, then lift), then items of the same baskets, then popular items: the
+        order of ``BoughtTogether.recommend``, whose score ranks the three kinds; each reason says which."""
         self._require_item(item_id)
-        cands = self._rules([item_id], n, [])
-        if self.rules is not None and len(cands) < n:  # then items bought in the same baskets
-            for r in self.rules.recommend([item_id], n, exclude=[c.item_id for c in cands]):
-                if r.lift is None and r.because:
-                    c = Candidate(r.item_id)
-                    c.add("rules", 1.0, {"source": "cooccurrence", "because": list(r.because), "rule": r.reason})
-                    cands.append(c)
-        return Retrieval("bought_together", self._attach(cands[:n]))
+        cands = []
+        for r in (self.rules.recommend([item_id], n) if self.rules is not None else []):
+            c = Candidate(r.item_id)
+            if r.lift is not None:
+                reason = {"source": "rules", "because": list(r.because), "lift": round(r.lift, 3), "rule": r.reason}
+            elif r.because:
+                reason = {"source": "cooccurrence", "because": list(r.because), "rule": r.reason}
+            else:
+                reason = {"source": "popular", "fallback": "no rule or shared basket", "rule": r.reason}
+            c.add("rules", r.score, reason)
+            cands.append(c)
+        return Retrieval("bought_together", self._attach(cands))
 
     async def search(self, query: str, n: int, expr: str | None = None) -> Retrieval:
         if self.text_encoder is None:
