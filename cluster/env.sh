@@ -2,8 +2,10 @@
 # - Token auth: Ray enables it when ~/.ray/auth_token exists, after which `ray job submit` fails with
 #   InvalidAuthToken; on loopback we turn it off explicitly. On a shared network use RAY_AUTH_MODE=token.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
-# - Keep the node on loopback (Ray otherwise picks the external address even with --node-ip-address).
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# - Keep the node on loopback (Ray otherwise picks the external address even with --node-ip-address). A head that
+#   other nodes join (cluster/start-worker.sh, also on this machine) needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 for
+#   the head and every worker: Ray refuses to add nodes to a head started with 0.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}"
 export RAY_HEAD_IP="${RAY_HEAD_IP:-127.0.0.1}"
 export RAY_GCS_PORT="${RAY_GCS_PORT:-6379}"
 export RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
