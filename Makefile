@@ -48,7 +48,8 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m "not gpu"
 
-# A head and a worker node on this machine: a job on both nodes, a node killed mid-job (slow, ~5 minutes).
+# A head and a worker node on this machine: a job on both nodes, a node killed mid-job and under the Serve graph
+# (slow, ~3.5 minutes).
 test-cluster: install
 	$(PY) -m pytest -q -m slow tests/cluster/test_multi_node.py
 

@@ -82,6 +82,7 @@ class ServeConfig:
     store_timeout_s: float = 10.0  # each vector store call's deadline (then 503 + Retry-After, not a hung request)
     host: str = "127.0.0.1"  # HTTP bind address
     port: int = 8000  # HTTP port
+    proxy_location: str = "EveryNode"  # HTTP proxies on every node, or "HeadOnly" (several nodes on one machine)
     ingress: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.2, max_replicas=2))
     retriever: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=2))
     reranker: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.2, max_replicas=2))
@@ -98,6 +99,8 @@ class ServeConfig:
             raise ConfigError(f"diversity (MMR lambda) must be in [0, 1]. Got {self.diversity!r}")
         if self.ranker not in ("latest", "none") and not self.ranker.startswith("v"):
             raise ConfigError(f"ranker must be 'latest', 'none' or a published version (v...). Got {self.ranker!r}")
+        if self.proxy_location not in ("EveryNode", "HeadOnly"):
+            raise ConfigError(f"proxy_location must be EveryNode or HeadOnly. Got {self.proxy_location!r}")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"port must be in [1, 65535]. Got {self.port!r}")
 

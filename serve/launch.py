@@ -75,6 +75,7 @@ def app_config(cfg: ServeConfig) -> dict[str, Any]:
     args = cfg.to_dict()
     rules = args.pop("rules") or {}
     return {
+        "proxy_location": cfg.proxy_location,
         "http_options": {"host": cfg.host, "port": cfg.port},
         "applications": [{
             "name": APP_NAME, "route_prefix": "/", "import_path": "serve.app:build_app", "args": args,
@@ -94,7 +95,7 @@ def deploy(cfg: ServeConfig) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     config = ServeDeploySchema.model_validate(app_config(cfg))
-    client = serve_start(http_options=config.http_options.model_dump())
+    client = serve_start(http_options=config.http_options.model_dump(), proxy_location=config.proxy_location)
     client.deploy_apps(config)
 
 
