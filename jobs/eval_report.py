@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,7 +31,7 @@ def _payload(result: EvalResult, cfg: EvalConfig) -> dict:
                                  "score_seconds": round(r.score_seconds, 3)} for r in result.reports}}
 
 
-def _plots(result: EvalResult, out: Path) -> list[str]:
+def _plots(result: EvalResult, fs, out: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,7 +52,8 @@ def _plots(result: EvalResult, out: Path) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         name = f"{metric}_at_k.png"
-        fig.savefig(out / name, dpi=100)
+        with fs.open(f"{out}/{name}", "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
         files.append(name)
     return files
@@ -90,11 +90,17 @@ def _markdown(result: EvalResult, cfg: EvalConfig, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(result: EvalResult, cfg: EvalConfig) -> Path:
-    """Write metrics.json, the PNG plots and report.md into ``result.out_dir``; returns the folder."""
-    out = Path(result.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(_payload(result, cfg), indent=2, default=str) + "\n")
-    plots = _plots(result, out) if result.reports else []
-    (out / "report.md").write_text(_markdown(result, cfg, plots))
-    return out
+def write_report(result: EvalResult, cfg: EvalConfig) -> str:
+    """Write metrics.json, the PNG plots and report.md into ``result.out_dir`` (a folder or any fsspec URI, e.g.
+    ``s3://bucket/eval/ml-100k``); returns it."""
+    from fsspec.core import url_to_fs
+
+    fs, out = url_to_fs(result.out_dir)
+    out = out.rstrip("/")
+    fs.makedirs(out, exist_ok=True)
+    with fs.open(f"{out}/metrics.json", "w") as f:
+        f.write(json.dumps(_payload(result, cfg), indent=2, default=str) + "\n")
+    plots = _plots(result, fs, out) if result.reports else []
+    with fs.open(f"{out}/report.md", "w") as f:
+        f.write(_markdown(result, cfg, plots))
+    return result.out_dir

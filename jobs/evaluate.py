@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.config import cache_dir
+from common.config import cache_dir, resolve_uri
 from common.datasets import DATASETS, EvalDataset, item_table_ids, load_dataset
 from common.errors import ConfigError
 from common.evaluation import ModelReport, basket_queries, evaluate_baskets, evaluate_users
@@ -222,7 +222,7 @@ def run(cfg: EvalConfig) -> EvalResult:
         reports.append(report)
         log.info("%s: ndcg@10 %.4f hit_rate@10 %.4f", name, report.metrics.get("ndcg@10", float("nan")),
                  report.metrics.get("hit_rate@10", float("nan")))
-    out_dir = Path(cfg.out) / ds.name
+    out_dir = f"{resolve_uri(cfg.out).rstrip('/')}/{ds.name}"  # a folder or a URI (s3://...): fsspec writes it
     result = EvalResult(ds.name, protocol, len(users), len(items), len(train_ev), len(test_ev), quarantined,
                         reports, skipped, str(out_dir), 0.0)
     result.seconds = time.perf_counter() - t0
@@ -254,7 +254,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--holdout", type=float, default=0.2, help="share of each user's items held out (user protocol)")
     p.add_argument("--k", type=int, nargs="+", default=list(KS), help="cut-offs (default: 10 20 50 100)")
     p.add_argument("--models", nargs="+", default=[], help="models to run (default: all that apply)")
-    p.add_argument("--out", default="var/eval", help="report folder (a sub-folder per data set)")
+    p.add_argument("--out", default="var/eval", help="report folder or URI (a sub-folder per data set)")
     p.add_argument("--json", action="store_true", help="print the metrics JSON instead of the table")
     return p
 

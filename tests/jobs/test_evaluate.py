@@ -24,6 +24,19 @@ def sample_eval(tmp_path_factory):
     return evaluate.run(cfg)
 
 
+def test_the_report_goes_to_any_fsspec_uri():
+    """On a cluster the report is written to object storage; fsspec's memory:// stands in for s3:// here."""
+    import fsspec
+
+    cfg = evaluate.EvalConfig(dataset=None, events=str(SAMPLE / "events.parquet"), ks=(10,),
+                              models=("popularity",), out="memory://evals")
+    result = evaluate.run(cfg)
+    fs = fsspec.filesystem("memory")
+    assert result.out_dir == "memory://evals/events"
+    assert json.loads(fs.cat("/evals/events/metrics.json"))["models"]["popularity"]["metrics"]["ndcg@10"] >= 0
+    assert fs.size("/evals/events/ndcg_at_k.png") > 1000 and b"| popularity |" in fs.cat("/evals/events/report.md")
+
+
 def test_learned_neighbours_beat_popularity_on_the_planted_tastes(sample_eval):
     ndcg = {r.model: r.metrics["ndcg@10"] for r in sample_eval.reports}
     assert set(ndcg) == {"popularity", "itemknn", "ease", "cooccurrence"}
