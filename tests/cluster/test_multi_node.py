@@ -54,22 +54,26 @@ def two_nodes(tmp_path, request):
                   "--num-cpus", str(head_cpus))
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
-    while _alive_nodes(address, env) < 1:
-        assert time.time() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
-        time.sleep(1)
+    started = [head]  # stopped at the end even when the set-up fails half-way
     def start_worker(wait_until: float) -> subprocess.Popen:
         worker = _start("start-worker.sh", env, tmp_path / "worker.log", "--num-cpus", str(worker_cpus))
+        started.append(worker)
         while _alive_nodes(address, env) < 2:
             assert time.time() < wait_until and worker.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
             time.sleep(1)
         return worker
 
-    nodes = {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env, "head": head,
-             "worker": start_worker(deadline), "start_worker": start_worker}
-    yield nodes
-    for proc in (nodes["worker"], head):
-        if proc.poll() is None:
-            stop_group(proc)
+    nodes = {"address": address, "gcs": f"127.0.0.1:{gcs}", "env": env, "head": head, "start_worker": start_worker}
+    try:
+        while _alive_nodes(address, env) < 1:
+            assert time.time() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(1)
+        nodes["worker"] = start_worker(deadline)
+        yield nodes
+    finally:
+        for proc in (nodes.get("worker"), *started):
+            if proc is not None and proc.poll() is None:
+                stop_group(proc)
 
 
 def _submit(two_nodes, argv: list[str], follow: bool) -> subprocess.Popen:
