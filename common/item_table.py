@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
@@ -20,6 +21,20 @@ from common.errors import NotFoundError
 from common.item_index import VECTOR_COLUMNS
 
 RANKING_FIELDS = ("category", "brand", "price")  # what user affinities and price features read
+
+
+def read_snapshot(artifacts: ArtifactStore, collection: str, columns: list[str]) -> tuple[dict, pa.Table]:
+    """The embed job's latest published snapshot of ``collection``: its manifest and the asked ``columns``;
+    NotFoundError telling to run ``vitrine embed`` first."""
+    try:
+        manifest = artifacts.manifest("embeddings", collection)
+    except NotFoundError as e:
+        raise NotFoundError(f"no embeddings snapshot for catalogue {collection!r} under {artifacts.root}: "
+                            f"run `vitrine embed --collection {collection}` first") from e
+    fs, path = url_to_fs(artifacts.path("embeddings", collection, manifest["result"]["version"],
+                                        "embeddings.parquet"))
+    with fs.open(path, "rb") as f:
+        return manifest, pq.read_table(f, columns=columns)
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,16 +48,9 @@ class ItemTable:
 
     @classmethod
     def load(cls, artifacts_uri: str, collection: str, kind: str = "fused") -> ItemTable:
-        artifacts = ArtifactStore(artifacts_uri)
-        try:
-            manifest = artifacts.manifest("embeddings", collection)
-        except NotFoundError as e:
-            raise NotFoundError(f"no embeddings snapshot for catalogue {collection!r} under {artifacts_uri}: "
-                                f"run `vitrine embed --collection {collection}` first") from e
+        manifest, table = read_snapshot(ArtifactStore(artifacts_uri), collection,
+                                        ["item_id", *RANKING_FIELDS, VECTOR_COLUMNS[kind]])
         version = manifest["result"]["version"]
-        fs, path = url_to_fs(artifacts.path("embeddings", collection, version, "embeddings.parquet"))
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["item_id", *RANKING_FIELDS, VECTOR_COLUMNS[kind]])
         ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
         column = table.column(VECTOR_COLUMNS[kind]).combine_chunks()
         vectors = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)

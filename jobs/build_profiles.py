@@ -32,6 +32,7 @@ from common.config import default_artifacts_uri, default_events, default_store_u
 from common.errors import ConfigError, NotFoundError
 from common.events import EventWeights, load_events
 from common.item_index import VECTOR_COLUMNS, VECTOR_KINDS, check_base_name
+from common.item_table import read_snapshot
 from common.profiles import ProfileConfig, mean_profiles
 from common.vector_store import CollectionSpec, open_store
 
@@ -100,16 +101,8 @@ class ItemSnapshot:
 
 def read_item_vectors(artifacts: ArtifactStore, base: str, kind: str) -> ItemSnapshot:
     """The latest embeddings snapshot of catalogue ``base``; NotFoundError telling to run ``vitrine embed`` first."""
-    try:
-        manifest = artifacts.manifest(EMBEDDINGS, base)
-    except NotFoundError as e:
-        raise NotFoundError(f"no embeddings snapshot for catalogue {base!r} under {artifacts.root}: "
-                            f"run `vitrine embed --collection {base}` first") from e
+    manifest, table = read_snapshot(artifacts, base, ["item_id", VECTOR_COLUMNS[kind]])
     version = manifest["result"]["version"]
-    uri = artifacts.path(EMBEDDINGS, base, version, "embeddings.parquet")
-    fs, path = url_to_fs(uri)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f, columns=["item_id", VECTOR_COLUMNS[kind]])
     vectors = np.asarray(table.column(VECTOR_COLUMNS[kind]).to_pylist(), dtype=np.float32)
     return ItemSnapshot(version=version, model=manifest["encoder_identity"],
                         item_ids=np.asarray(table.column("item_id").to_pylist(), dtype=object), vectors=vectors)
