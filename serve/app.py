@@ -36,9 +36,10 @@ def _gpus() -> float:
 def build_app(args: ServeConfig | Mapping[str, Any] | None = None) -> Application:
     cfg = args if isinstance(args, ServeConfig) else config_from_mapping(args or {})
     rules, cfg = dict(cfg.rules), dataclasses.replace(cfg, rules={})  # the rules reach only the filter
-    text = TextEncoder.options(**cfg.text_encoder.options(gpus=_gpus())).bind(cfg)
-    retriever = Retriever.options(**cfg.retriever.options()).bind(cfg, text)
-    reranker = Reranker.options(**cfg.reranker.options()).bind(cfg)
-    business = BusinessFilter.options(user_config=rules, **cfg.business_filter.options()).bind()
-    events = EventSink.options(**cfg.events_sink.options()).bind(cfg)
+    access = cfg.stage_access_logs  # the stages serve the ingress's requests: one access line per request is enough
+    text = TextEncoder.options(**cfg.text_encoder.options(gpus=_gpus(), access_log=access)).bind(cfg)
+    retriever = Retriever.options(**cfg.retriever.options(access_log=access)).bind(cfg, text)
+    reranker = Reranker.options(**cfg.reranker.options(access_log=access)).bind(cfg)
+    business = BusinessFilter.options(user_config=rules, **cfg.business_filter.options(access_log=access)).bind()
+    events = EventSink.options(**cfg.events_sink.options(access_log=access)).bind(cfg)
     return Ingress.options(**cfg.ingress.options()).bind(cfg, retriever, reranker, business, events)

@@ -45,7 +45,7 @@ class Replicas:
         if self.target_ongoing_requests <= 0 or self.max_ongoing_requests < 1:
             raise ConfigError("target_ongoing_requests must be > 0 and max_ongoing_requests >= 1")
 
-    def options(self, gpus: float = 0.0) -> dict[str, Any]:
+    def options(self, gpus: float = 0.0, access_log: bool = True) -> dict[str, Any]:
         """``Deployment.options(...)`` keyword arguments."""
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if gpus:
@@ -53,6 +53,7 @@ class Replicas:
         return {
             "ray_actor_options": actor,
             "max_ongoing_requests": self.max_ongoing_requests,
+            "logging_config": {"enable_access_log": access_log},
             "autoscaling_config": {"min_replicas": self.min_replicas, "initial_replicas": max(self.min_replicas, 1),
                                    "max_replicas": self.max_replicas,
                                    "target_ongoing_requests": self.target_ongoing_requests,
@@ -80,6 +81,9 @@ class ServeConfig:
     session_gap_s: float = 1800.0  # a pause this long starts a new session
     search_ef: int = 64  # HNSW beam of unfiltered searches (filtered ones widen it by 1/selectivity)
     store_timeout_s: float = 10.0  # each vector store call's deadline (then 503 + Retry-After, not a hung request)
+    stage_access_logs: bool = False  # an access log line per request in every stage too (the ingress always logs)
+    fields_ttl_s: float = 5.0  # fields (stock, price) read for rules/popular/pinned candidates are reused this long
+    user_vector_ttl_s: float = 60.0  # offline user vectors (profile, learned) are reused this long; 0: no cache
     host: str = "127.0.0.1"  # HTTP bind address
     port: int = 8000  # HTTP port
     proxy_location: str = "EveryNode"  # HTTP proxies on every node, or "HeadOnly" (several nodes on one machine)
@@ -101,6 +105,9 @@ class ServeConfig:
             raise ConfigError(f"ranker must be 'latest', 'none' or a published version (v...). Got {self.ranker!r}")
         if self.proxy_location not in ("EveryNode", "HeadOnly"):
             raise ConfigError(f"proxy_location must be EveryNode or HeadOnly. Got {self.proxy_location!r}")
+        for name in ("fields_ttl_s", "user_vector_ttl_s"):
+            if not 0 <= getattr(self, name) <= 86_400:
+                raise ConfigError(f"{name} must be in [0, 86400] seconds. Got {getattr(self, name)!r}")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"port must be in [1, 65535]. Got {self.port!r}")
 
@@ -120,7 +127,8 @@ def config_from_mapping(values: Mapping[str, Any]) -> ServeConfig:
         elif isinstance(values.get(name), str):
             values[name] = resolve_uri(values[name])
     for name, cast in (("candidates", int), ("recent_items", int), ("port", int), ("search_ef", int),
-                       ("diversity", float), ("session_gap_s", float), ("store_timeout_s", float)):
+                       ("diversity", float), ("session_gap_s", float), ("store_timeout_s", float),
+                       ("fields_ttl_s", float), ("user_vector_ttl_s", float)):
         if isinstance(values.get(name), str):  # `serve run module:build_app key=value` passes strings
             try:
                 values[name] = cast(values[name])

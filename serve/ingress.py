@@ -101,10 +101,12 @@ def _overrides(category: list[str] | None, price_min: float | None, price_max: f
     return out
 
 
-def _body(ranking: Ranking, t0: float, **extra: Any) -> dict[str, Any]:
-    return {"strategy": ranking.strategy, **extra, "took_ms": round((time.perf_counter() - t0) * 1e3, 2),
-            "items": [{"item_id": r.item_id, "score": round(float(r.score), 5), **r.fields, "reasons": r.reasons}
-                      for r in ranking.items]}
+def _body(ranking: Ranking, t0: float, **extra: Any) -> JSONResponse:
+    """The answer as JSON, rendered directly (FastAPI's generic encoder walking the body cost 10x json.dumps)."""
+    items = [{"item_id": r.item_id, "score": round(float(r.score), 5), **r.fields, "reasons": r.reasons}
+             for r in ranking.items]
+    return JSONResponse({"strategy": ranking.strategy, **extra,
+                         "took_ms": round((time.perf_counter() - t0) * 1e3, 2), "items": items})
 
 
 K = Query(10, ge=1, le=MAX_K, description=f"number of results (1-{MAX_K})")

@@ -28,6 +28,7 @@ from common.item_table import ItemTable
 from common.ranking import Candidate, ItemStats, UserContext, merge_candidates, user_context
 from common.rules import BoughtTogether
 from common.session_store import Session, SessionStore
+from common.ttl_cache import TtlRows
 from common.user_history import UserHistory
 from common.vector_store import Hit, open_store
 from serve.config import ServeConfig
@@ -69,6 +70,8 @@ class Retriever:
         self.learned = self._learned_models()
         self.profiles = f"{cfg.collection}_users_{PROFILE_KIND}"
         self.has_profiles = self.store.has_collection(self.profiles)
+        self.item_fields = TtlRows(cfg.fields_ttl_s)  # rules / popular / pinned candidates' current fields
+        self.user_vectors = TtlRows(cfg.user_vector_ttl_s)  # (collection, user id) -> offline vector or None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="retriever-io")
         log.info("retriever ready: %d items, %d known users, rules=%s, learned=%s, profiles=%s", len(self.table.ids),
                  len(self.history.seen), self.rules is not None, self.learned, self.has_profiles)
@@ -102,24 +105,33 @@ class Retriever:
     def ready(self) -> dict[str, Any]:
         items = self.store.count(self.content)  # raises StoreUnavailableError when Milvus is down
         return {"items": items, "users": len(self.history.seen), "rules": self.rules is not None,
-                "learned": self.learned, "profiles": self.has_profiles, "snapshot": self.table.version}
+                "learned": self.learned, "profiles": self.has_profiles, "snapshot": self.table.version,
+                "caches": {"item_fields": self.item_fields.stats(), "user_vectors": self.user_vectors.stats()}}
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _search(self, name: str, vectors: np.ndarray, n: int, expr: str | None, exclude: list[str]) -> list[list[Hit]]:
         return self.store.search(name, np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1), k=n,
                                  filter=expr, exclude_ids=exclude)
 
+    def _fields(self, ids: list[str]) -> dict[str, dict | None]:
+        """Current shown fields of ``ids`` (None: not in the catalogue), read from the store at most every
+        ``fields_ttl_s`` per item."""
+        def fetch(missing: list[str]) -> dict[str, dict]:
+            return {r["item_id"]: {k: r.get(k) for k in SHOWN_FIELDS} for r in self.store.get(self.content, missing)}
+
+        return self.item_fields.get_many(ids, fetch)
+
     def _attach(self, cands: list[Candidate], fresh: set[str] = frozenset()) -> list[Candidate]:
-        """Current fields for candidates that did not come from a search of the content collection (one read,
-        no vectors); items gone from the catalogue are dropped."""
+        """Fields for candidates that did not come from a search of the content collection (one read, no
+        vectors, reused for ``fields_ttl_s``); items gone from the catalogue are dropped."""
         missing = [c.item_id for c in cands if c.item_id not in fresh]
-        rows = {r["item_id"]: r for r in self.store.get(self.content, missing)} if missing else {}
+        rows = self._fields(missing) if missing else {}
         kept = []
         for c in cands:
-            if c.item_id in rows:
-                c.fields = {k: rows[c.item_id].get(k) for k in SHOWN_FIELDS}
-            elif c.item_id not in fresh:
-                continue
+            if c.item_id not in fresh:
+                if rows.get(c.item_id) is None:
+                    continue
+                c.fields = dict(rows[c.item_id])
             kept.append(c)
         return kept
 
@@ -169,7 +181,7 @@ class Retriever:
     def _pinned(self, pinned: list[str] | tuple[str, ...]) -> dict[str, dict]:
         if not pinned:
             return {}
-        return {r["item_id"]: {k: r.get(k) for k in SHOWN_FIELDS} for r in self.store.get(self.content, list(pinned))}
+        return {i: dict(row) for i, row in self._fields(list(pinned)).items() if row is not None}
 
     # ---- endpoints ----------------------------------------------------------------------------------------------
     def similar(self, item_id: str, n: int, expr: str | None = None) -> Retrieval:
@@ -278,8 +290,12 @@ class Retriever:
         return user_context(frame, self.table.fields, profile)
 
     def _user_vector(self, name: str, user_id: str) -> np.ndarray | None:
-        rows = self.store.get(name, [user_id], with_vectors=True)
-        return np.asarray(rows[0]["vector"], dtype=np.float32) if rows else None
+        """An offline user vector (the profiles and training jobs write them), reused for ``user_vector_ttl_s``."""
+        def fetch(keys: list[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:
+            rows = self.store.get(name, [user_id], with_vectors=True)
+            return {(name, user_id): np.asarray(rows[0]["vector"], dtype=np.float32)} if rows else {}
+
+        return self.user_vectors.get((name, user_id), fetch)
 
 
 def _cand(hit: Hit, source: str, reason: dict[str, Any]) -> Candidate:
