@@ -162,6 +162,112 @@ def _price(value: object) -> float | None:
     return p if np.isfinite(p) and p >= 0 else None
 
 
+def _key(value: object) -> str | None:
+    """A category or brand as ``_shares`` groups it (its text); None when missing or empty, so not a key."""
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return None
+    return str(value) or None
+
+
+@dataclass(frozen=True)
+class AffinitySums:
+    """A user's positive event weight summed by category, by brand, in all and over priced items.
+
+    These sums are what ``user_context`` derives its shares and mean price from. Kept as sums (not shares) so
+    serving can add a live session's views per request (``plus``) instead of re-grouping the user's whole
+    history with pandas; ``context`` turns them into the same ``UserContext``. The empty default is a user
+    without positive events.
+    """
+
+    category: Mapping[str, float] = field(default_factory=dict)  # category -> positive weight on its items
+    brand: Mapping[str, float] = field(default_factory=dict)  # brand -> positive weight on its items
+    total: float = 0.0  # all positive weight, items without category/brand/price included (the shares' divisor)
+    priced_weight: float = 0.0  # positive weight on items with a usable price (finite, >= 0)
+    priced_sum: float = 0.0  # price * weight summed over those items
+
+    def plus(self, item_ids: Iterable[str], item_fields: Mapping[str, Mapping], weight: float) -> AffinitySums:
+        """New sums with one event of ``weight`` per listed id (a repeated id counts each time), as a frame of
+        those events would count in ``user_context``: not at all when ``weight`` <= 0."""
+        w = float(np.float32(weight))  # weigh() hands out float32 weights
+        ids = list(item_ids)
+        if not w > 0 or not ids:
+            return self
+        category, brand = dict(self.category), dict(self.brand)
+        priced_weight, priced_sum = self.priced_weight, self.priced_sum
+        for item in ids:
+            f = item_fields.get(item) or {}
+            for sums, key in ((category, _key(f.get("category"))), (brand, _key(f.get("brand")))):
+                if key is not None:
+                    sums[key] = sums.get(key, 0.0) + w
+            price = _price(f.get("price"))
+            if price is not None:
+                priced_weight += w
+                priced_sum += price * w
+        return AffinitySums(category, brand, self.total + w * len(ids), priced_weight, priced_sum)
+
+    def context(self, profile: np.ndarray | None = None) -> UserContext:
+        """The ``UserContext`` that ``user_context`` gives for the events these sums were made from."""
+        if not self.total > 0:
+            return UserContext(profile=profile)
+        return UserContext(category_affinity={k: v / self.total for k, v in self.category.items()},
+                           brand_affinity={k: v / self.total for k, v in self.brand.items()},
+                           mean_price=self.priced_sum / self.priced_weight if self.priced_weight > 0 else None,
+                           profile=profile)
+
+
+def _item_keys(items: Sequence, item_fields: Mapping[str, Mapping]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per item: category and brand key (None: not a key) and price (NaN: unusable), as object/float arrays.
+
+    One row more than ``items``, an item without fields, so the code -1 that ``pd.factorize`` gives a missing
+    item id indexes it.
+    """
+    f = [item_fields.get(i) or {} for i in items] + [{}]
+    price = np.array([np.nan if (p := _price(x.get("price"))) is None else p for x in f], dtype=np.float64)
+    return (np.array([_key(x.get("category")) for x in f], dtype=object),
+            np.array([_key(x.get("brand")) for x in f], dtype=object), price)
+
+
+def _keyed_sums(user: np.ndarray, keys: np.ndarray, w: np.ndarray, n_users: int) -> list[dict[str, float]]:
+    """Per user, ``key -> summed w`` over the rows whose key is not None (one sort, no Python loop over rows)."""
+    code, names = pd.factorize(keys, sort=True)
+    known = code >= 0
+    width = max(len(names), 1)
+    pair, inverse = np.unique(user[known] * width + code[known], return_inverse=True)
+    sums = np.bincount(inverse, weights=w[known])
+    out: list[dict[str, float]] = [{} for _ in range(n_users)]
+    for u, key, s in zip((pair // width).tolist(), np.asarray(names, dtype=object)[pair % width], sums.tolist()):
+        out[u][key] = s
+    return out
+
+
+def affinity_sums(events: pd.DataFrame, item_fields: Mapping[str, Mapping],
+                  weights: EventWeights | None = None) -> dict[str, AffinitySums]:
+    """``AffinitySums`` of every user of validated events (``common.events`` schema), vectorised over the frame.
+
+    ``affinity_sums(events, fields)[u].context(profile)`` equals ``user_context(<u's events>, fields, profile)``
+    (up to float summation order); users whose events are all non-positive get empty sums. Serving computes
+    every known user once at start-up rather than running ``user_context`` per request.
+    """
+    if events.empty:
+        return {}
+    w = (weights or EventWeights()).weigh(events).astype(np.float64)
+    user, users = pd.factorize(events["user_id"])
+    item, items = pd.factorize(events["item_id"])
+    pos = (w > 0) & (user >= 0)
+    user, item, w = user[pos].astype(np.int64), item[pos], w[pos]
+    category, brand, price = _item_keys(items.tolist(), item_fields)
+    n = len(users)
+    by_category = _keyed_sums(user, category[item], w, n)
+    by_brand = _keyed_sums(user, brand[item], w, n)
+    p = price[item]
+    priced = ~np.isnan(p)
+    total = np.bincount(user, weights=w, minlength=n).tolist()
+    priced_weight = np.bincount(user[priced], weights=w[priced], minlength=n).tolist()
+    priced_sum = np.bincount(user[priced], weights=p[priced] * w[priced], minlength=n).tolist()
+    return {u: AffinitySums(by_category[i], by_brand[i], total[i], priced_weight[i], priced_sum[i])
+            for i, u in enumerate(users.tolist())}
+
+
 def _columns(cands: Sequence[Candidate], ctx: UserContext, stats: ItemStats) -> dict[str, list[float]]:
     """Every feature of FEATURES as one list per name (one value per candidate)."""
     cols: dict[str, list[float]] = {}

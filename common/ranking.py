@@ -24,17 +24,20 @@ from common.errors import ConfigError, NotFoundError
 from common.rank_features import (
     FEATURES,
     SOURCES,
+    AffinitySums,
     Candidate,
     ItemStats,
     UserContext,
+    affinity_sums,
     feature_matrix,
     merge_candidates,
     stack_vectors,
     user_context,
 )
 
-__all__ = ["FEATURES", "SOURCES", "Candidate", "ItemStats", "UserContext", "feature_matrix", "merge_candidates",
-           "stack_vectors", "user_context", "MODELS", "KIND", "Ranker", "load_latest_ranker", "mmr"]
+__all__ = ["FEATURES", "SOURCES", "AffinitySums", "Candidate", "ItemStats", "UserContext", "affinity_sums",
+           "feature_matrix", "merge_candidates", "stack_vectors", "user_context", "MODELS", "KIND", "Ranker",
+           "load_latest_ranker", "mmr"]
 
 log = logging.getLogger(__name__)
 
@@ -144,19 +147,26 @@ def load_latest_ranker(artifacts_uri: str, collection: str = "items", version: s
     return Ranker.load(artifacts.path(KIND, collection, version))
 
 
-def mmr(scores: np.ndarray, vectors: np.ndarray | None, k: int, lam: float = 0.8) -> np.ndarray:
+def mmr(scores: np.ndarray, vectors: np.ndarray | None, k: int, lam: float = 0.8,
+        top: int | None = None) -> np.ndarray:
     """Maximal marginal relevance: indices of ``k`` picks (fewer if there are fewer items), best first.
 
     Each step picks ``argmax lam * s_i - (1 - lam) * max_{j picked} cos(v_i, v_j)`` where ``s`` are the scores
     min-max normalised to [0, 1] (so ``lam`` means the same whatever the model's scale; equal scores become 0).
     ``lam=1`` or ``vectors=None`` gives the score order; ties go to the lower index. ``vectors`` are unit rows
     (a zero row, an item without a vector, is similar to nothing).
+
+    ``top`` limits the MMR steps to the first ``top`` picks; the rest of the ``k`` follow in score order (ties
+    to the lower index). Each step costs a pass over all vectors, and diversity only matters where results are
+    shown, so a caller that shows few of many candidates need not diversify the tail. None: every pick is MMR.
     """
     s = np.asarray(scores, dtype=np.float64).ravel()
     if not 0 <= lam <= 1:
         raise ConfigError(f"lam must be within [0, 1]. Got {lam!r}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
         raise ConfigError(f"k must be an integer >= 0. Got {k!r}")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 0):
+        raise ConfigError(f"top must be None or an integer >= 0. Got {top!r}")
     k = min(int(k), len(s))
     if k == 0:
         return np.zeros(0, dtype=np.int64)
@@ -166,14 +176,24 @@ def mmr(scores: np.ndarray, vectors: np.ndarray | None, k: int, lam: float = 0.8
     v = np.asarray(vectors, dtype=np.float64)
     if v.ndim != 2 or len(v) != len(s):
         raise ConfigError(f"vectors must be [{len(s)}, D] (one row per score). Got shape {list(v.shape)}")
+    picked = _mmr_picks(s, v, k if top is None else min(k, int(top)), lam)
+    if len(picked) == k:
+        return picked
+    by_score = np.argsort(-s, kind="stable")
+    rest = by_score[~np.isin(by_score, picked)][:k - len(picked)]
+    return np.concatenate([picked, rest]).astype(np.int64)
+
+
+def _mmr_picks(s: np.ndarray, v: np.ndarray, n: int, lam: float) -> np.ndarray:
+    """The first ``n`` MMR picks (see ``mmr``) of float64 scores without NaN and their float64 vectors."""
     finite = np.isfinite(s)
     lo, hi = (s[finite].min(), s[finite].max()) if finite.any() else (0.0, 0.0)
     norm = np.where(finite, (s - lo) / (hi - lo) if hi > lo else 0.0, -1.0)
     gain = lam * norm
     max_sim = np.full(len(s), -np.inf)
     picked = np.zeros(len(s), dtype=bool)
-    order = np.empty(k, dtype=np.int64)
-    for step in range(k):
+    order = np.empty(n, dtype=np.int64)
+    for step in range(n):
         value = gain if step == 0 else gain - (1 - lam) * max_sim
         value = np.where(picked, -np.inf, value)
         best = int(np.argmax(value))

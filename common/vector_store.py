@@ -440,7 +440,7 @@ class MilvusStore:
         total = max(matches, self._cached_count(name, ""))
         # A filter keeping a share s of the rows leaves about s * ef matching nodes in the beam: widen the beam
         # by 1/s so the search sees as many candidates as an unfiltered one (benchmarks/filtered_recall.py).
-        ef = min(MAX_EF, max(self.search_ef, 2 * k) * -(-total // matches))
+        ef = min(MAX_EF, -(-max(self.search_ef, 2 * k) * total // matches))  # ceil(base * total / matches)
         results = self._ann(name, spec, queries, k, expr, filter, ef=ef)
         short = [i for i, hits in enumerate(results) if len(hits) < min(k, matches)]
         if short and matches <= EXACT_FALLBACK_ROWS:

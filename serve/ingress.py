@@ -139,7 +139,7 @@ class Ingress:
         return self._rules.merged(overrides) if overrides else self._rules
 
     async def _ranked(self, found, k: int, overrides: dict[str, Any], pinned: bool = False) -> Ranking:
-        return await self.filter.apply.remote(self.reranker.rank.remote(found), k, overrides, pinned)
+        return await self.filter.apply.remote(self.reranker.rank.remote(found, k), k, overrides, pinned)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

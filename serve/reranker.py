@@ -22,6 +22,7 @@ from serve.messages import Ranking, Retrieval
 log = logging.getLogger(__name__)
 
 PERSONAL = ("personal", "session", "popular")
+DIVERSE_HEAD = 30  # at least this many results are picked by MMR, however small k (the filter may drop some)
 PRIMARY = {"similar": ("item", "learned"), "bought_together": ("rules",), "search": ("text",)}
 
 
@@ -48,8 +49,9 @@ class Reranker:
         scores = self.ranker.score(np.concatenate(blocks)) if sum(sizes) else np.zeros(0, np.float32)
         return list(np.split(scores, np.cumsum(sizes)[:-1]))
 
-    async def rank(self, found: Retrieval) -> Ranking:
-        """All candidates, best first (the business filter cuts to k after its rules)."""
+    async def rank(self, found: Retrieval, k: int | None = None) -> Ranking:
+        """All candidates, best first (the business filter cuts to ``k`` after its rules). Diversity (MMR) picks
+        the head of the list, ``max(DIVERSE_HEAD, 3 k)`` items (all when ``k`` is None); the rest follow by score."""
         cands = found.candidates
         out = Ranking(found.strategy, [], seen=found.seen, segment=found.segment, pinned_fields=found.pinned_fields)
         if not cands:
@@ -70,7 +72,8 @@ class Reranker:
             scores = np.array([max(c.scores.get(s, -np.inf) for s in sources) for c in cands], dtype=np.float32)
             model, lam = None, 1.0
         vectors = np.stack([c.vector for c in cands]) if all(c.vector is not None for c in cands) else None
-        order = mmr(np.asarray(scores, dtype=np.float32), vectors, k=len(cands), lam=lam)
+        top = None if k is None else max(DIVERSE_HEAD, 3 * int(k))
+        order = mmr(np.asarray(scores, dtype=np.float32), vectors, k=len(cands), lam=lam, top=top)
         for i in order:
             c = cands[int(i)]
             reasons = list(c.reasons)

@@ -7,7 +7,6 @@ query through the text tower), ``rules`` (frequently bought together) and ``popu
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,8 @@ from common.event_log import EventLog
 from common.events import load_events
 from common.item_index import collection_name
 from common.item_table import ItemTable
-from common.ranking import Candidate, ItemStats, UserContext, merge_candidates, user_context
+from common.events import EventWeights
+from common.ranking import AffinitySums, Candidate, ItemStats, UserContext, affinity_sums, merge_candidates
 from common.rules import BoughtTogether
 from common.session_store import Session, SessionStore
 from common.ttl_cache import TtlRows
@@ -62,17 +62,18 @@ class Retriever:
         users = read_table(cfg.users).to_pandas() if cfg.users and events is not None else None
         self.history = UserHistory.from_events(events, users) if events is not None else UserHistory()
         # The ranker's features are computed as in training (jobs/train_ranker): popularity from ItemStats and
-        # affinities from the user's whole positive history (common.ranking.user_context).
+        # affinities from the user's whole positive history (common.ranking.user_context, here as per-user sums
+        # computed for every known user at once, to which a live session's views are added per request).
         self.stats = ItemStats.from_events(events) if events is not None else ItemStats({}, {})
-        self.user_events = dict(tuple(events.groupby("user_id", sort=False))) if events is not None else {}
-        self._contexts: dict[str, UserContext] = {}
+        self.affinity = affinity_sums(events, self.table.fields) if events is not None else {}
+        self.view_weight = EventWeights().events["view"]
         self.rules = self._load_rules()
         self.learned = self._learned_models()
         self.profiles = f"{cfg.collection}_users_{PROFILE_KIND}"
         self.has_profiles = self.store.has_collection(self.profiles)
         self.item_fields = TtlRows(cfg.fields_ttl_s)  # rules / popular / pinned candidates' current fields
         self.user_vectors = TtlRows(cfg.user_vector_ttl_s)  # (collection, user id) -> offline vector or None
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="retriever-io")
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="retriever-io")
         log.info("retriever ready: %d items, %d known users, rules=%s, learned=%s, profiles=%s", len(self.table.ids),
                  len(self.history.seen), self.rules is not None, self.learned, self.has_profiles)
 
@@ -226,9 +227,9 @@ class Retriever:
 
     def for_user(self, user_id: str, n: int, expr: str | None = None, segment: str | None = None,
                  exclude_seen: bool = True, pinned: tuple[str, ...] = ()) -> Retrieval:
-        """Candidates for a user from every source. Store round trips: the user's vectors and session (in
-        parallel), one batched search for profile + session + seed items, one read of the fields of candidates
-        that came from memory (rules, popular)."""
+        """Candidates for a user from every source. Store round trips: the user's session and (cached) offline
+        vectors in parallel; then, in parallel, one batched search for profile + session and one for the seed
+        items; one (cached) read of the fields of candidates that came from memory (rules, popular)."""
         t0 = time.perf_counter()
         session_f = self._pool.submit(self.sessions.get, user_id)
         profile_f = self._pool.submit(self._user_vector, self.profiles, user_id) if self.has_profiles else None
@@ -254,16 +255,20 @@ class Retriever:
         if live:
             queries.append(session.vector)
             kinds.append(("session", {"source": "session", "events": session.n_events}))
-        for seed, vector in zip(seeds, seed_vectors):
-            queries.append(vector), kinds.append(("item", {"source": "item", "because": seed}))
-        found: dict[str, Candidate] = {}
         learned_f = {m: self._pool.submit(self._learned_items, m, v, n, expr, exclude)
                      for m, v in learned.items() if v is not None}
+        # Each seed item contributes its nearest few, so the seeds are searched for that few (a narrower beam and
+        # fewer hits to decode than the user's own vectors need), beside the user's search.
+        per_seed = max(n // max(len(seeds), 1), 10)
+        seeds_f = self._pool.submit(self._search, self.content, seed_vectors, per_seed, expr, exclude + seeds) \
+            if seeds else None
+        found: dict[str, Candidate] = {}
         if queries:
-            per_seed = max(n // max(len(seeds), 1), 10)
-            hits = self._search(self.content, np.stack(queries), n, expr, exclude + seeds)
-            for (source, reason), h in zip(kinds, hits):
-                self._hits(h[:per_seed] if source == "item" else h, source, reason, found)
+            for (source, reason), h in zip(kinds, self._search(self.content, np.stack(queries), n, expr,
+                                                                 exclude + seeds)):
+                self._hits(h, source, reason, found)
+        for seed, h in zip(seeds, seeds_f.result() if seeds_f is not None else ()):
+            self._hits(h, "item", {"source": "item", "because": seed}, found)
         lists = [list(found.values()), *(f.result() for f in learned_f.values()), self._rules(seeds, n, exclude),
                  self._popular(segment, n, set(exclude))]
         cands = self._attach(merge_candidates(lists), fresh=set(found))
@@ -275,19 +280,11 @@ class Retriever:
                          segment=segment, pinned_fields=pinned_f.result() if pinned_f is not None else {})
 
     def _context(self, user_id: str, session: Session | None, profile: np.ndarray | None) -> UserContext:
-        """Category and brand affinity and price level over the user's positive history (and live session)."""
-        offline = self.user_events.get(user_id)
+        """Category and brand affinity and price level over the user's positive history (and live session, whose
+        items count as views, as the ranker's training rows would see them)."""
+        sums = self.affinity.get(user_id, AffinitySums())
         live = list(session.recent) if session is not None else []
-        if not live:
-            if offline is None:
-                return UserContext(profile=profile)
-            if user_id not in self._contexts:  # bounded by the users of the events read at start-up
-                self._contexts[user_id] = user_context(offline, self.table.fields)
-            return dataclasses.replace(self._contexts[user_id], profile=profile)
-        frame = pd.DataFrame({"item_id": live, "event": "view", "button": None, "value": None})
-        if offline is not None:
-            frame = pd.concat([offline[frame.columns], frame], ignore_index=True)
-        return user_context(frame, self.table.fields, profile)
+        return (sums.plus(live, self.table.fields, self.view_weight) if live else sums).context(profile)
 
     def _user_vector(self, name: str, user_id: str) -> np.ndarray | None:
         """An offline user vector (the profiles and training jobs write them), reused for ``user_vector_ttl_s``."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -9,13 +10,16 @@ import pytest
 
 from common.artifacts import ArtifactStore
 from common.errors import ConfigError, NotFoundError
+from common.events import EVENT_TYPES, EventWeights
 from common.ranking import (
     FEATURES,
     SOURCES,
+    AffinitySums,
     Candidate,
     ItemStats,
     Ranker,
     UserContext,
+    affinity_sums,
     feature_matrix,
     load_latest_ranker,
     merge_candidates,
@@ -87,6 +91,83 @@ def test_user_context_shares_positive_weight_and_ignores_dislikes():
     assert ctx.mean_price == pytest.approx((4 * 100 + 1 * 20) / 5)
     empty = user_context(ev.iloc[:0], fields)
     assert (empty.category_affinity, empty.brand_affinity, empty.mean_price, empty.profile) == ({}, {}, None, None)
+
+
+def _messy_catalogue(rng: np.random.Generator) -> dict[str, dict | None]:
+    """Items with missing, empty and non-string categories/brands and unusable prices (None, NaN, < 0, inf)."""
+    keys = ["Coat", "Bag", "Dress", None, "", np.nan, 7]
+    prices = [10.0, 99.5, 250.0, 0.0, None, np.nan, -5.0, np.inf, "12.5"]
+    fields: dict[str, dict | None] = {f"i{i}": {"category": keys[rng.integers(len(keys))],
+                                                "brand": keys[rng.integers(len(keys))],
+                                                "price": prices[rng.integers(len(prices))]} for i in range(25)}
+    fields["i0"], fields["i1"] = None, {}
+    return fields
+
+
+def _random_events(rng: np.random.Generator, users: list[str], n: int) -> pd.DataFrame:
+    """Events of every kind on catalogue items and on items the catalogue lacks ("gone*"), some buttons set."""
+    items = [f"i{i}" for i in range(25)] + ["gone0", "gone1"]
+    return pd.DataFrame({"user_id": rng.choice(users, n), "item_id": rng.choice(items, n),
+                         "event": rng.choice(EVENT_TYPES, n),
+                         "ts": T0 + pd.to_timedelta(rng.integers(0, 10**6, n), unit="s"),
+                         "button": rng.choice(np.array([None, None, None, "not_interested", "heart"], dtype=object), n),
+                         "value": np.where(rng.random(n) < 0.7, rng.integers(1, 6, n).astype(float), np.nan)})
+
+
+def _assert_same_context(got: UserContext, want: UserContext) -> None:
+    assert got.category_affinity == pytest.approx(want.category_affinity, rel=1e-9)
+    assert got.brand_affinity == pytest.approx(want.brand_affinity, rel=1e-9)
+    assert (got.mean_price is None) == (want.mean_price is None)
+    if want.mean_price is not None:
+        assert got.mean_price == pytest.approx(want.mean_price, rel=1e-9)
+    assert got.profile is want.profile
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("weights", [None, EventWeights(rating_center=3.0)], ids=["default", "rating_center"])
+def test_affinity_sums_give_the_user_context_of_every_user(seed, weights):
+    rng = np.random.default_rng(seed)
+    fields = _messy_catalogue(rng)
+    ev = _random_events(rng, [f"u{u}" for u in range(6)], 300)
+    ev = pd.concat([ev, events([("neg", "i2", "dislike", 0), ("neg", "i3", "return", 1)])], ignore_index=True)
+    sums = affinity_sums(ev, fields, weights)
+    assert set(sums) == set(ev["user_id"])
+    profile = unit([1, 2])
+    for user, mine in ev.groupby("user_id"):
+        _assert_same_context(sums[user].context(profile), user_context(mine, fields, profile, weights))
+    assert sums["neg"] == AffinitySums()
+    neg = sums["neg"].context(profile)
+    assert (neg.category_affinity, neg.brand_affinity, neg.mean_price, neg.profile) == ({}, {}, None, profile)
+    assert affinity_sums(ev.iloc[:0], fields) == {}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_affinity_sums_plus_live_views_is_the_context_of_the_concatenated_frame(seed):
+    rng = np.random.default_rng(seed)
+    fields = _messy_catalogue(rng)
+    ev = _random_events(rng, ["u0", "u1", "u2"], 120)
+    sums = affinity_sums(ev, fields)
+    view = EventWeights().events["view"]
+    live = list(rng.choice([f"i{i}" for i in range(25)] + ["gone0"], 8)) + ["i4", "i4"]  # a repeat counts twice
+    frame = pd.DataFrame({"item_id": live, "event": "view", "button": None, "value": None})
+    for user, offline in ev.groupby("user_id"):
+        want = user_context(pd.concat([offline[frame.columns], frame], ignore_index=True), fields)
+        _assert_same_context(sums[user].plus(live, fields, view).context(), want)
+    _assert_same_context(AffinitySums().plus(live, fields, view).context(), user_context(frame, fields))
+    assert sums["u0"].plus(live, fields, -1.0) is sums["u0"] and sums["u0"].plus([], fields, view) is sums["u0"]
+
+
+def test_affinity_sums_of_many_users_take_well_under_a_second():
+    rng = np.random.default_rng(0)
+    fields = {f"i{i}": {"category": f"c{i % 30}", "brand": f"b{i % 80}", "price": float(i % 500)}
+              for i in range(5000)}
+    n = 140_000
+    ev = pd.DataFrame({"user_id": [f"u{u}" for u in rng.integers(0, 2000, n)],
+                       "item_id": [f"i{i}" for i in rng.integers(0, 5000, n)],
+                       "event": rng.choice(EVENT_TYPES, n), "button": None, "value": np.nan})
+    t0 = time.perf_counter()
+    sums = affinity_sums(ev, fields)
+    assert len(sums) == 2000 and time.perf_counter() - t0 < 2.0  # ~0.2 s; generous for loaded CI machines
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -173,6 +254,24 @@ def test_mmr_matches_a_brute_force_loop(seed):
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     lam = float(rng.uniform(0.2, 0.95))
     assert mmr(s, v, 8, lam).tolist() == _mmr_loop(s, v, 8, lam)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mmr_top_diversifies_the_head_and_orders_the_rest_by_score(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(12, 40))
+    s = np.round(rng.normal(size=n), 1)  # rounded: some ties, which go to the lower index
+    v = rng.normal(size=(n, 6))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    k = int(rng.integers(8, n + 1))
+    full = mmr(s, v, k, 0.6).tolist()
+    assert mmr(s, v, k, 0.6, top=k).tolist() == full and mmr(s, v, k, 0.6, top=k + 5).tolist() == full
+    for m in (0, 1, 5):
+        head = mmr(s, v, k, 0.6, top=m).tolist()
+        assert head[:m] == full[:m] and len(head) == k
+        assert head[m:] == [i for i in np.argsort(-s, kind="stable").tolist() if i not in full[:m]][:k - m]
+    with pytest.raises(ConfigError, match="top"):
+        mmr(s, v, k, top=-1)
 
 
 def test_stack_vectors_fills_unknown_rows_with_zeros():
