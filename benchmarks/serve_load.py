@@ -263,7 +263,7 @@ def canned_retrieval(data_root: Path, dim: int = 384, candidates: int = 100) -> 
         c.add("profile", 0.5, {"source": "profile", "score": 0.5})
         cands.append(c)
     profile = rng.standard_normal(dim).astype(np.float32)
-    return Retrieval("personal", cands, seen=[f"it{i:06d}" for i in range(70)], recent=[f"it{i:06d}" for i in range(70)],
+    return Retrieval("personal", cands, seen=[f"it{i:06d}" for i in range(70)],
                      context=UserContext({"Dress": 0.5}, {"Brand001": 0.5}, 40.0, profile / np.linalg.norm(profile)),
                      segment="25-34|north")
 

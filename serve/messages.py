@@ -16,7 +16,6 @@ class Retrieval:
     strategy: str  # personal | session | popular | similar | bought_together | search
     candidates: list[Candidate]
     seen: list[str] = field(default_factory=list)  # items the user already interacted with (for the filter)
-    recent: list[str] = field(default_factory=list)  # the user's latest items, newest first
     context: UserContext = field(default_factory=UserContext)  # affinities and profile (ranking features)
     segment: str | None = None
     pinned_fields: dict[str, dict] = field(default_factory=dict)  # fields of pinned items (the filter places them)

@@ -276,7 +276,7 @@ class Retriever:
             profile = session.vector
         log.debug("retrieved %d candidates for %s (%s) in %.1f ms", len(cands), user_id, strategy,
                   (time.perf_counter() - t0) * 1e3)
-        return Retrieval(strategy, cands, seen=seen, recent=recent, context=self._context(user_id, session, profile),
+        return Retrieval(strategy, cands, seen=seen, context=self._context(user_id, session, profile),
                          segment=segment, pinned_fields=pinned_f.result() if pinned_f is not None else {})
 
     def _context(self, user_id: str, session: Session | None, profile: np.ndarray | None) -> UserContext:

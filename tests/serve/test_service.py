@@ -168,6 +168,28 @@ def test_events_are_durable_and_bad_rows_are_rejected_with_reasons(service):
     assert ((logged["user_id"] == user) & (logged["event"] == "wishlist")).sum() == 1
 
 
+def test_concurrent_event_requests_each_get_their_own_answer(service):
+    """The sink appends requests that arrive together as one batch; each still gets only its own counts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    df = items(service)
+    tag = uuid.uuid4().hex[:8]
+    requests_ = [[{"user_id": f"burst-{tag}-{n}", "item_id": df["item_id"].iloc[n + j], "event": "view"}
+                  for j in range(n + 1)] + ([{"user_id": f"burst-{tag}-{n}", "item_id": "nope", "event": "view"}]
+                                            if n % 2 else [])
+                 for n in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda events: post_events(service, events), requests_))
+    for n, r in enumerate(answers):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["accepted"] == n + 1
+        assert [x["index"] for x in body["rejected"]] == ([n + 1] if n % 2 else [])
+        assert body["sessions"] == {f"burst-{tag}-{n}": n + 1}
+    logged = EventLog(service["cfg"].event_log).read()
+    assert logged["user_id"].str.startswith(f"burst-{tag}-").sum() == sum(n + 1 for n in range(8))
+
+
 @pytest.mark.parametrize("body", [
     {"events": []},
     {"events": [{"user_id": "u", "event": "view"}]},
