@@ -288,3 +288,18 @@ def _fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_history(events_uri: str | None, log_uri: str) -> pd.DataFrame | None:
+    """Every event serving knows at start-up: the offline events file (validated; quarantined rows left out) and
+    what the event log holds (POST /events so far, so a restarted service remembers), in time order. None when
+    there is neither."""
+    from common.events import load_events
+
+    parts = [load_events(events_uri).valid] if events_uri else []
+    logged = EventLog(log_uri).read()
+    if len(logged):
+        parts.append(logged)
+    if not parts:
+        return None
+    return pd.concat(parts, ignore_index=True).sort_values("ts", kind="stable") if len(parts) > 1 else parts[0]

@@ -13,7 +13,7 @@ import numpy as np
 from ray import serve
 
 from common.business_rules import Ranked
-from common.events import load_events
+from common.event_log import read_history
 from common.item_table import ItemTable
 from common.ranking import ItemStats, feature_matrix, load_latest_ranker, mmr
 from serve.config import ServeConfig
@@ -36,7 +36,7 @@ class Reranker:
         else:
             self.ranker = load_latest_ranker(cfg.artifacts_uri, cfg.collection,
                                              None if cfg.ranker == "latest" else cfg.ranker)
-        events = load_events(cfg.events).valid if cfg.events else None
+        events = read_history(cfg.events, cfg.event_log)  # the retriever's popularity source too
         self.stats = ItemStats.from_events(events) if events is not None else ItemStats({}, {})
         self.table = ItemTable.load(cfg.artifacts_uri, cfg.collection, cfg.kind)  # vectors for MMR and features
 

@@ -20,8 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from common.artifacts import ArtifactStore
 from common.catalog import read_table
 from common.errors import NotFoundError
-from common.event_log import EventLog
-from common.events import load_events
+from common.event_log import read_history
 from common.item_index import collection_name
 from common.item_table import ItemTable
 from common.events import EventWeights
@@ -79,15 +78,10 @@ class Retriever:
 
     # ---- start-up -------------------------------------------------------------------------------------------
     def _events(self) -> pd.DataFrame | None:
-        """The offline events file and what POST /events has logged so far (a restarted service remembers)."""
-        parts = [load_events(self.cfg.events).valid] if self.cfg.events else []
-        logged = EventLog(self.cfg.event_log).read()
-        if len(logged):
-            parts.append(logged)
-        if not parts:
+        events = read_history(self.cfg.events, self.cfg.event_log)
+        if events is None:
             log.warning("no events file and an empty event log: no history, popularity from nothing")
-            return None
-        return pd.concat(parts, ignore_index=True).sort_values("ts", kind="stable") if len(parts) > 1 else parts[0]
+        return events
 
     def _load_rules(self) -> BoughtTogether | None:
         artifacts = ArtifactStore(self.cfg.artifacts_uri)

@@ -169,7 +169,7 @@ def test_events_are_durable_and_bad_rows_are_rejected_with_reasons(service):
 
 
 def test_concurrent_event_requests_each_get_their_own_answer(service):
-    """The sink appends requests that arrive together as one batch; each still gets only its own counts."""
+    """Requests handled at the same time (the sink's threads, several replicas) each get only their own counts."""
     from concurrent.futures import ThreadPoolExecutor
 
     df = items(service)
