@@ -21,9 +21,9 @@ from common.artifacts import ArtifactStore
 from common.catalog import read_table
 from common.errors import NotFoundError
 from common.event_log import read_history
+from common.events import EventWeights
 from common.item_index import collection_name
 from common.item_table import ItemTable
-from common.events import EventWeights
 from common.ranking import AffinitySums, Candidate, ItemStats, UserContext, affinity_sums, merge_candidates
 from common.rules import BoughtTogether
 from common.session_store import Session, SessionStore

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pandas as pd
@@ -155,19 +154,6 @@ def test_affinity_sums_plus_live_views_is_the_context_of_the_concatenated_frame(
         _assert_same_context(sums[user].plus(live, fields, view).context(), want)
     _assert_same_context(AffinitySums().plus(live, fields, view).context(), user_context(frame, fields))
     assert sums["u0"].plus(live, fields, -1.0) is sums["u0"] and sums["u0"].plus([], fields, view) is sums["u0"]
-
-
-def test_affinity_sums_of_many_users_take_well_under_a_second():
-    rng = np.random.default_rng(0)
-    fields = {f"i{i}": {"category": f"c{i % 30}", "brand": f"b{i % 80}", "price": float(i % 500)}
-              for i in range(5000)}
-    n = 140_000
-    ev = pd.DataFrame({"user_id": [f"u{u}" for u in rng.integers(0, 2000, n)],
-                       "item_id": [f"i{i}" for i in rng.integers(0, 5000, n)],
-                       "event": rng.choice(EVENT_TYPES, n), "button": None, "value": np.nan})
-    t0 = time.perf_counter()
-    sums = affinity_sums(ev, fields)
-    assert len(sums) == 2000 and time.perf_counter() - t0 < 2.0  # ~0.2 s; generous for loaded CI machines
 
 
 # ------------------------------------------------------------------------------------------- features
