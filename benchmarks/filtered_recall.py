@@ -13,7 +13,6 @@ matching rows (``100`` is the unfiltered search). The vectors are synthetic: 64 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.report import write_report
 from common import milvus_standalone
 from common.vector_store import CollectionSpec, MilvusStore, open_store
 
@@ -136,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 server.stop()
     report["machine"] = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    print(write_report(report, args.out))
     return 0
 
 

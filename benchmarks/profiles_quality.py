@@ -10,14 +10,13 @@ averaged over users with test positives. Item vectors come from the embed job's 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.report import write_report
 from common.artifacts import ArtifactStore
 from common.config import default_artifacts_uri
 from common.datasets import item_table_ids, load_dataset
@@ -94,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     report = run(args.kinds, args.artifacts, args.collection, args.holdout)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    print(write_report(report, args.out))
     return 0
 
 

@@ -10,7 +10,6 @@ latencies are measured on flushed data.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.report import write_report
 from common import milvus_local, milvus_standalone
 from common.vector_store import CollectionSpec, MilvusStore, open_store
 
@@ -152,10 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     report = run(args.uri, args.sizes, args.dim, args.index, args.queries, args.k, args.standalone,
                  settle_s=args.settle)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    else:
+    text = write_report(report, args.out)
+    if not args.out:
         print(text)
     return 0
 

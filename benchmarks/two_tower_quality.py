@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from benchmarks.report import write_report
 from common.datasets import item_table_ids, load_dataset
 from common.events import EventWeights, user_segments
 from common.interactions import TrainData, build_interactions, temporal_split
@@ -120,11 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = TwoTowerConfig() if args.epochs is None else TwoTowerConfig(epochs=args.epochs)
     report = run(cfg)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    print(write_report(report, args.out))
     return 0
 
 
