@@ -86,7 +86,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def from_mapping(cls: type[T], values: dict[str, Any]) -> T:
-    """Build a config dataclass from a mapping, refusing unknown keys (nested dataclasses from nested maps)."""
+    """Build a config dataclass from a mapping, refusing unknown keys. A nested dataclass comes from a nested map,
+    through its own ``from_mapping`` classmethod when it has one (e.g. EventWeights, whose missing events keep
+    their default weights)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -96,6 +98,7 @@ def from_mapping(cls: type[T], values: dict[str, Any]) -> T:
         default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING \
             else fields[name].default
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = from_mapping(type(default), value)
+            kind = type(default)
+            value = kind.from_mapping(value) if hasattr(kind, "from_mapping") else from_mapping(kind, value)
         kwargs[name] = value
     return cls(**kwargs)

@@ -29,7 +29,7 @@ from fsspec.core import url_to_fs
 
 from common.artifacts import ArtifactStore
 from common.config import default_artifacts_uri, default_events, default_store_uri, from_mapping, values_from_args
-from common.errors import ConfigError, NotFoundError
+from common.errors import ConfigError
 from common.events import EventWeights, load_events
 from common.item_index import VECTOR_COLUMNS, VECTOR_KINDS, check_base_name
 from common.item_table import read_snapshot
@@ -210,8 +210,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def config_from_args(args: argparse.Namespace) -> ProfilesConfig:
     values = values_from_args(args, ("events", "collection", "store_uri", "artifacts_uri", "kind", "prune"),
                               {"profile": ("w_pos", "w_neg")}, uris=("store_uri", "artifacts_uri", "events"))
-    if "weights" in values:
-        values["weights"] = EventWeights.from_mapping(values["weights"])  # missing events keep their defaults
     return from_mapping(ProfilesConfig, values)
 
 

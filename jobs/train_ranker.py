@@ -389,8 +389,6 @@ def config_from_args(args: argparse.Namespace) -> TrainRankerConfig:
     values = values_from_args(args, ("events", "collection", "artifacts_uri", "kind", "catalog", "candidates",
                                      "recent_items", "holdout", "test_users", "seed", "model", "mmr_lambda"),
                               uris=("events", "artifacts_uri", "catalog"))
-    if "weights" in values:
-        values["weights"] = EventWeights.from_mapping(values["weights"])  # missing events keep their defaults
     return from_mapping(TrainRankerConfig, values)
 
 

@@ -121,3 +121,20 @@ def test_missing_embeddings_name_the_job_to_run(tmp_path):
 def test_config_refuses_bad_values_and_echoes_them(bad, echo):
     with pytest.raises(ConfigError, match=echo):
         TrainRankerConfig(**bad)
+
+
+def test_yaml_event_weights_keep_the_defaults_they_do_not_name(tmp_path):
+    from common.events import EventWeights
+    from jobs.build_profiles import build_parser as profiles_parser
+    from jobs.build_profiles import config_from_args as profiles_config
+    from jobs.train_ranker import build_parser, config_from_args
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("weights:\n  events: {view: 0.5}\n")
+    for parser, config in ((build_parser, config_from_args), (profiles_parser, profiles_config)):
+        weights = config(parser().parse_args(["--config", str(path)])).weights
+        assert isinstance(weights, EventWeights) and weights.events["view"] == 0.5
+        assert weights.events["purchase"] == EventWeights().events["purchase"]
+    path.write_text("weights:\n  clicks: {view: 0.5}\n")
+    with pytest.raises(ConfigError, match="unknown event-weight"):
+        config_from_args(build_parser().parse_args(["--config", str(path)]))
