@@ -38,7 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from common.catalog import ids_as_str
 from common.errors import ConfigError, SchemaError
-from common.events import EVENTS_SCHEMA, REQUIRED_COLUMNS, validate_events
+from common.events import EVENTS_SCHEMA, REQUIRED_COLUMNS, load_events, validate_events
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,6 @@ def read_history(events_uri: str | None, log_uri: str) -> pd.DataFrame | None:
     """Every event serving knows at start-up: the offline events file (validated; quarantined rows left out) and
     what the event log holds (POST /events so far, so a restarted service remembers), in time order. None when
     there is neither."""
-    from common.events import load_events
-
     parts = [load_events(events_uri).valid] if events_uri else []
     logged = EventLog(log_uri).read()
     if len(logged):
