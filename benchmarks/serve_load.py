@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from common.milvus_standalone import TIME_TICK_MS
+
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.serve_load")
 
@@ -352,12 +354,13 @@ def noop_app(data_root: Path) -> Any:
     return NoopIngress.bind(NoopRetriever.bind(), NoopReranker.bind(), NoopFilter.bind())
 
 
-def serve_config(paths: Any, store_uri: str, collection: str, port: int) -> Any:
+def serve_config(paths: Any, store_uri: str, collection: str, port: int, fresh_sessions: bool = True) -> Any:
     from serve.config import ServeConfig
 
     return ServeConfig(collection=collection, store_uri=store_uri, artifacts_uri=str(paths.artifacts),
                        events=str(paths.events), users=str(paths.users),
-                       event_log=str(paths.root / f"event_log_{os.getpid()}"), port=port)
+                       event_log=str(paths.root / f"event_log_{os.getpid()}"), port=port,
+                       fresh_sessions=fresh_sessions)
 
 
 def sample_payload(data_root: Path, store_uri: str, collection: str, users: list[str], n: int = 40) -> dict[str, Any]:
@@ -405,7 +408,8 @@ def sample_payload(data_root: Path, store_uri: str, collection: str, users: list
 # ----------------------------------------------------------------------------------- child: one system served
 
 
-def serve_child(system: str, port: int, store_uri: str, data_root: str, collection: str) -> int:
+def serve_child(system: str, port: int, store_uri: str, data_root: str, collection: str,
+                fresh_sessions: bool = True) -> int:
     """Serve one system on ``port`` until stdin closes; print one JSON line of facts before exiting."""
     from benchmarks.serve_load_data import DataPaths, baseline_app
 
@@ -433,7 +437,7 @@ def serve_child(system: str, port: int, store_uri: str, data_root: str, collecti
     else:
         from serve.app import build_app
 
-        app = build_app(serve_config(paths, store_uri, collection, port))
+        app = build_app(serve_config(paths, store_uri, collection, port, fresh_sessions))
     serve.run(app, name="bench", route_prefix="/", blocking=False)
     sys.stdin.read()  # the parent closes stdin when its load is done
     facts: dict[str, Any] = {"system": system}
@@ -533,7 +537,8 @@ def run_system(system: str, args: argparse.Namespace, store_uri: str, milvus_pid
     if system.endswith("-tput"):
         env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     cmd = [sys.executable, "-m", "benchmarks.serve_load", "--child", system, "--port", str(port), "--store-uri",
-           store_uri, "--data-root", str(args.data_root), "--collection", args.collection]
+           store_uri, "--data-root", str(args.data_root), "--collection", args.collection,
+           *(["--stale-sessions"] if args.stale_sessions else [])]
     t0 = time.perf_counter()
     stderr_path = Path(args.data_root) / f"{system}.stderr.log"  # the child's logs; its tail explains a failure
     with open(stderr_path, "w") as stderr:
@@ -653,7 +658,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         if store_uri is None:
             t = time.perf_counter()
-            server = milvus_standalone.start_standalone(work / "milvus")
+            server = milvus_standalone.start_standalone(work / "milvus", time_tick_ms=args.time_tick_ms)
             report["milvus_start_s"] = round(time.perf_counter() - t, 1)
             store_uri = server.uri
         from common.vector_store import open_store
@@ -710,13 +715,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-timeout", type=float, default=900.0,
                    help="seconds to wait for the Milvus server to go idle (index builds) before measuring")
     p.add_argument("--out", default=str(ROOT / "var" / "bench" / "serve_load.json"))
+    p.add_argument("--stale-sessions", action="store_true",
+                   help="read live sessions without waiting for the server's tick (ServeConfig.fresh_sessions=False)")
+    p.add_argument("--time-tick-ms", type=int, default=TIME_TICK_MS,
+                   help="the standalone server's time tick (Milvus' default: 200)")
     p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--data-root", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.child:
-        return serve_child(args.child, args.port, args.store_uri, args.data_root, args.collection)
+        return serve_child(args.child, args.port, args.store_uri, args.data_root, args.collection,
+                           not args.stale_sessions)
     report = run(args)
     print(_table(report))
     text = json.dumps(report, indent=2, default=str)

@@ -22,8 +22,9 @@ whose session so far has only non-positive events has no row, and ``update`` ret
 earlier items in ``seen``; those of earlier batches are not kept. When a gap ends a stored session and the new one
 has no vector yet, the old row is deleted, so ``get`` never serves an ended session's vector as live.
 
-Writes are read-modify-write per batch (one ``get`` and one ``upsert``): concurrent updates of the *same* user from
-two replicas may lose one of them (last writer wins), so route a user's events to one replica at a time.
+Writes are read-modify-write per batch (one fresh ``get``, which sees every update acknowledged before it, and one
+``upsert``): concurrent updates of the *same* user from two replicas may still lose one of them (last writer
+wins), so route a user's events to one replica at a time.
 """
 from __future__ import annotations
 
@@ -75,9 +76,10 @@ class SessionStore:
         self.weights = weights or EventWeights()
         store.ensure_collection(CollectionSpec(name=collection, dim=dim, model=model, fields=dict(SESSION_FIELDS)))
 
-    def get(self, user_id: str) -> Session | None:
-        """The stored session of ``user_id``; None when the user has none (or only non-positive events so far)."""
-        rows = self.store.get(self.collection, [user_id], with_vectors=True)
+    def get(self, user_id: str, fresh: bool = False) -> Session | None:
+        """The stored session of ``user_id``; None when the user has none (or only non-positive events so far).
+        ``fresh``: see every update acknowledged before the call, by any process (``VectorStore.get``)."""
+        rows = self.store.get(self.collection, [user_id], with_vectors=True, fresh=fresh)
         return _session(rows[0]) if rows else None
 
     def update(self, events: pd.DataFrame, item_vectors: Mapping[str, np.ndarray]) -> dict[str, Session]:
@@ -93,7 +95,8 @@ class SessionStore:
                               "weight": self.weights.weigh(events)})
         frame = frame.sort_values("ts", kind="stable")
         users = list(dict.fromkeys(frame["user_id"]))
-        stored = {r["item_id"]: _session(r) for r in self.store.get(self.collection, users, with_vectors=True)}
+        stored = {r["item_id"]: _session(r)  # fresh: fold onto every update acknowledged so far, by any replica
+                  for r in self.store.get(self.collection, users, with_vectors=True, fresh=True)}
         out: dict[str, Session] = {}
         skipped = 0
         for user, rows in frame.groupby("user_id", sort=False):

@@ -11,8 +11,11 @@ collection's properties. Every error from pymilvus is mapped onto ``common.error
 
 Visibility: a store always reads its own writes (on Milvus Lite it flushes what it wrote before reading, and the
 server flushes by itself once writes pause). count, delete and scan see every write made before the call; search
-and get use "Session" consistency, so on a Milvus server another process's latest writes may take about a second
-to show (Strong would add ~200 ms to every search on Milvus 2.3.5).
+and get use "Session" consistency, so on a Milvus server another process's latest writes show once the server's
+time tick passes them (measured on Milvus 2.3.5: 260-500 ms with its default 200 ms tick, 15-38 ms with a 20 ms
+tick, ``common.milvus_standalone.TIME_TICK_MS``). ``get(..., fresh=True)`` reads under "Strong" consistency: it sees
+every write any process had acknowledged before the call, at the cost of waiting for that tick; when the wait
+passes ``FRESH_TIMEOUT_S`` (a lagging server) it reads without waiting instead, logs it and counts ``stale_reads``.
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ _IDS_PER_REQUEST = 1000
 EXACT_FILTER_ROWS = 256  # a filter matching at most this many rows is searched exactly (brute force)
 EXACT_FALLBACK_ROWS = 16384  # ... and up to this many when graph search still came back short
 MAX_EF = 4096  # the widest HNSW beam a filtered search asks for
+FRESH_TIMEOUT_S = 1.0  # a fresh (Strong) read waits this long for the server's tick, then reads without waiting
 DEFAULT_EF = 64  # HNSW beam of an unfiltered search (open_store(search_ef=...): recall against latency)
 COUNT_TTL_S = 10.0  # how long a filter's match count (which picks the filtered-search strategy) is reused
 _FILTER_HINT = re.compile(r"expr|pars|field|column|token|compar|operator|syntax|unexpected|type|invalid|predicate")
@@ -123,7 +127,8 @@ class VectorStore(Protocol):
     def drop_collection(self, name: str) -> None: ...
     def upsert(self, name: str, rows: list[dict[str, Any]]) -> int: ...
     def delete(self, name: str, ids: list[str]) -> int: ...
-    def get(self, name: str, ids: list[str], with_vectors: bool = False) -> list[dict[str, Any]]: ...
+    def get(self, name: str, ids: list[str], with_vectors: bool = False,
+            fresh: bool = False) -> list[dict[str, Any]]: ...
     def scan(self, name: str, fields: list[str], batch_size: int = 1000) -> Iterator[list[dict[str, Any]]]: ...
     def count(self, name: str) -> int: ...
     def search(self, name: str, vectors: np.ndarray, k: int, filter: str | None = None,
@@ -212,6 +217,8 @@ class MilvusStore:
         self.uri = uri
         self.endpoint = endpoint
         self._timeout = call_timeout
+        self._fresh_timeout = min(FRESH_TIMEOUT_S, call_timeout)
+        self.stale_reads = 0  # fresh reads that ran out of time and were served without waiting
         self._connect_timeout = connect_timeout
         self._data_dir = data_dir
         self._start_timeout = start_timeout
@@ -359,14 +366,27 @@ class MilvusStore:
         self._forget_counts(name)
         return existing
 
-    def get(self, name: str, ids: list[str], with_vectors: bool = False) -> list[dict[str, Any]]:
+    def get(self, name: str, ids: list[str], with_vectors: bool = False,
+            fresh: bool = False) -> list[dict[str, Any]]:
         """Rows for ``ids`` in the order asked (missing ids are absent): item_id, the scalar fields and, when
-        asked, ``vector`` as a float32 array. Consistency is "Session", as for search."""
+        asked, ``vector`` as a float32 array. Consistency is "Session", as for search; ``fresh`` reads under
+        "Strong" consistency (every write acknowledged to any process before the call is seen; on a Milvus
+        server it waits for the next time tick)."""
         spec = self._spec(name)
         fields = [PRIMARY_KEY, *spec.fields, *([VECTOR_FIELD] if with_vectors else [])]
         wanted = list(dict.fromkeys(check_ids(ids)))
         self._before_read(name)
-        found = {row[PRIMARY_KEY]: row for row in self._get_rows(name, wanted, fields, consistency="Session")}
+        rows = None
+        if fresh and not self.is_lite:  # Milvus Lite has no time tick: every read already sees every write
+            try:
+                rows = self._get_rows(name, wanted, fields, consistency="Strong", timeout=self._fresh_timeout)
+            except StoreUnavailableError as e:  # the server's time tick lags (seen after restarts): degrade
+                self.stale_reads += 1
+                logger.warning("a fresh read of %s took over %.1f s; reading without waiting (%d so far): %s",
+                               name, self._fresh_timeout, self.stale_reads, str(e).splitlines()[0][:200])
+        if rows is None:
+            rows = self._get_rows(name, wanted, fields, consistency="Session")
+        found = {row[PRIMARY_KEY]: row for row in rows}
         return [found[i] for i in wanted if i in found]
 
     def scan(self, name: str, fields: list[str], batch_size: int = 1000) -> Iterator[list[dict[str, Any]]]:
@@ -564,12 +584,14 @@ class MilvusStore:
         if existing.index != wanted.index:
             logger.warning("Collection %s keeps its index %s (asked for %s)", wanted.name, existing.index, wanted.index)
 
-    def _get_rows(self, name: str, ids: list[str], fields: list[str], consistency: str) -> list[dict[str, Any]]:
+    def _get_rows(self, name: str, ids: list[str], fields: list[str], consistency: str,
+                  timeout: float | None = None) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for start in range(0, len(ids), _IDS_PER_REQUEST):
             chunk = ids[start:start + _IDS_PER_REQUEST]
             rows.extend(row_out(r) for r in self._call("get", name, "get", name, chunk, output_fields=fields,
-                                                        consistency_level=consistency))
+                                                        consistency_level=consistency,
+                                                        timeout=timeout or self._timeout))
         return rows
 
     @contextlib.contextmanager

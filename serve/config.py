@@ -79,6 +79,8 @@ class ServeConfig:
     ranker: str = "latest"  # "latest" published ranker (vitrine train ranker), or "none": order by summed scores
     rules: Mapping[str, Any] = field(default_factory=dict)  # business rules (common.business_rules), user_config
     session_gap_s: float = 1800.0  # a pause this long starts a new session
+    fresh_sessions: bool = True  # read a user's live session under "Strong" consistency: the very next request sees
+    # an acknowledged POST /events (on a Milvus server it waits for the server's time tick; False: up to one tick old)
     search_ef: int = 64  # HNSW beam of unfiltered searches (filtered ones widen it by 1/selectivity)
     store_timeout_s: float = 10.0  # each vector store call's deadline (then 503 + Retry-After, not a hung request)
     stage_access_logs: bool = False  # an access log line per request in every stage too (the ingress always logs)

@@ -39,6 +39,8 @@ SHOWN_FIELDS = ("title", "category", "brand", "color", "price", "in_stock")
 LEARNED_MODELS = ("two_tower", "graphsage")  # <collection>_<model>_users / _items, written by the training jobs
 PROFILE_KIND = "fused"  # the profiles job writes <collection>_users_<kind>
 
+FRESH_READ_WARN_MS = 100.0  # a fresh session read slower than this at start-up gets a warning (see ServeConfig)
+
 
 def sessions_collection(base: str) -> str:
     return f"{base}_sessions"
@@ -56,6 +58,7 @@ class Retriever:
         spec = self.store.describe(self.content)  # NotFoundError when the catalogue was never embedded
         self.sessions = SessionStore(self.store, sessions_collection(cfg.collection), dim=spec.dim, model=spec.model,
                                      gap_seconds=cfg.session_gap_s)
+        self.fresh_read_ms = self._probe_fresh_reads() if cfg.fresh_sessions else None
         self.table = ItemTable.load(cfg.artifacts_uri, cfg.collection, cfg.kind)
         events = self._events()
         users = read_table(cfg.users).to_pandas() if cfg.users and events is not None else None
@@ -101,9 +104,27 @@ class Retriever:
         items = self.store.count(self.content)  # raises StoreUnavailableError when Milvus is down
         return {"items": items, "users": len(self.history.seen), "rules": self.rules is not None,
                 "learned": self.learned, "profiles": self.has_profiles, "snapshot": self.table.version,
-                "caches": {"item_fields": self.item_fields.stats(), "user_vectors": self.user_vectors.stats()}}
+                "caches": {"item_fields": self.item_fields.stats(), "user_vectors": self.user_vectors.stats()},
+                "fresh_session_read_ms": self.fresh_read_ms,  # measured at start-up (None: fresh_sessions off)
+                "stale_session_reads": self.store.stale_reads}  # fresh session reads that timed out (lagging Milvus)
 
     # ---- helpers ----------------------------------------------------------------------------------------------
+
+    def _probe_fresh_reads(self) -> float:
+        """The median wait of a fresh session read (ms), measured once; a loud warning when the server's time tick
+        makes every recommendation wait long for it."""
+        waits = []
+        for _ in range(3):
+            t = time.perf_counter()
+            self.sessions.get("__vitrine_probe__", fresh=True)  # no such user: the wait is all it measures
+            waits.append((time.perf_counter() - t) * 1e3)
+        median = float(np.median(waits))
+        if median > FRESH_READ_WARN_MS:
+            log.warning("a fresh session read waits %.0f ms at %s (Milvus' time tick; 200 ms by default): every "
+                        "recommendation pays it. Set proxy.timeTickInterval to 20 on the server, or fresh_sessions: "
+                        "false (sessions may then lag by up to a tick)", median, self.cfg.store_uri)
+        return round(median, 1)
+
     def _search(self, name: str, vectors: np.ndarray, n: int, expr: str | None, exclude: list[str]) -> list[list[Hit]]:
         return self.store.search(name, np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1), k=n,
                                  filter=expr, exclude_ids=exclude)
@@ -225,7 +246,7 @@ class Retriever:
         vectors in parallel; then, in parallel, one batched search for profile + session and one for the seed
         items; one (cached) read of the fields of candidates that came from memory (rules, popular)."""
         t0 = time.perf_counter()
-        session_f = self._pool.submit(self.sessions.get, user_id)
+        session_f = self._pool.submit(self.sessions.get, user_id, self.cfg.fresh_sessions)
         profile_f = self._pool.submit(self._user_vector, self.profiles, user_id) if self.has_profiles else None
         learned_f = {m: self._pool.submit(self._user_vector, f"{self.cfg.collection}_{m}_users", user_id)
                      for m in self.learned}

@@ -65,11 +65,24 @@ def lite_uri(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def standalone_uri(tmp_path_factory):
+def standalone_server(tmp_path_factory):
     pytest.importorskip("milvus", reason="the Milvus standalone server comes from the PyPI package `milvus`")
     server = milvus_standalone.start_standalone(tmp_path_factory.mktemp("standalone"))
-    yield server.uri
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def standalone_uri(standalone_server):
+    return standalone_server.uri
+
+
+@pytest.mark.milvus_server
+def test_the_standalone_server_runs_with_the_short_time_tick(standalone_server):
+    import yaml
+
+    config = yaml.safe_load((Path(standalone_server.base_dir) / "configs" / "milvus.yaml").read_text())
+    assert config["proxy"]["timeTickInterval"] == milvus_standalone.TIME_TICK_MS == 20
 
 
 @pytest.fixture(scope="module", params=["lite", pytest.param("standalone", marks=pytest.mark.milvus_server)])
@@ -172,6 +185,53 @@ def test_upsert_same_id_overwrites(store, fresh):
     hits = store.search(fresh.name, replacement["vector"], 3)[0]
     assert hits[0].item_id == "i0" and hits[0].score == pytest.approx(1.0, abs=1e-4)
     assert [h.item_id for h in hits].count("i0") == 1
+
+
+_WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from common.vector_store import open_store
+
+    uri, name = sys.argv[1], sys.argv[2]
+    store = open_store(uri)
+    for price in range(3):
+        store.upsert(name, [{"item_id": "w", "vector": np.ones(int(sys.argv[3])), "category": "Bag",
+                             "price": float(price), "in_stock": True, "meta": {}}])
+        print(price, flush=True)  # acknowledged
+        sys.stdin.readline()  # until the reader has read
+""")
+
+
+def test_a_fresh_get_sees_what_another_process_just_wrote(store, fresh):
+    """Read-your-writes across processes (an event sink writes a session, a retriever replica reads it next)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, store.uri, fresh.name, str(DIM)], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for price in range(3):
+            line = writer.stdout.readline()
+            assert line.strip() == str(price), writer.stderr.read()[-3000:] if not line else line
+            got = store.get(fresh.name, ["w"], fresh=True)  # at once, without waiting on the server's tick
+            assert [r["price"] for r in got] == [float(price)]
+            writer.stdin.write("\n")
+            writer.stdin.flush()
+        assert writer.wait(timeout=60) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+
+
+def test_a_fresh_get_that_runs_out_of_time_reads_without_waiting(store, fresh, monkeypatch, caplog):
+    """A lagging server (its time tick stalls) must not fail a fresh read: it degrades to a plain read, counted."""
+    if store.is_lite:
+        pytest.skip("Milvus Lite has no time tick: a fresh read is a plain read there")
+    store.upsert(fresh.name, _rows(_vectors(3, seed=4)))
+    monkeypatch.setattr(store, "_fresh_timeout", 1e-6)  # no server answers within a microsecond
+    before = store.stale_reads
+    with caplog.at_level("WARNING", logger="common.vector_store"):
+        got = store.get(fresh.name, ["i2", "i0"], fresh=True)
+    assert [r["item_id"] for r in got] == ["i2", "i0"]
+    assert store.stale_reads == before + 1 and "reading without waiting" in caplog.text
 
 
 def test_delete(store, fresh):
