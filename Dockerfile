@@ -30,7 +30,7 @@ RUN mkdir -p common jobs serve vitrine && touch common/__init__.py jobs/__init__
     vitrine/__init__.py \
  && if [ -n "$TORCH_INDEX_URL" ]; then \
       pip install --index-url "$TORCH_INDEX_URL" torch==2.14.1 torchvision==0.29.1; fi \
- && pip install '.[s3]' \
+ && pip install '.[s3,gcs]' \
  && pip uninstall -y vitrine
 
 # The code, installed in place (editable): common/ finds the committed model heads and the sample under data/

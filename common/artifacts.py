@@ -8,12 +8,27 @@ from datetime import datetime, timezone
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from common.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
 LATEST = "LATEST"  # a small text file holding the name of the newest finished version
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so readers see the file whole or not at all: locally a hidden temporary file renamed into
+    place; on an object store one upload (an object appears complete when its PUT ends; a "rename" there would be a
+    copy and a delete, slow and no more atomic)."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.tmp"
+    fs.makedirs(folder, exist_ok=True)
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -42,10 +57,7 @@ class ArtifactStore:
         fs, base = self._fs()
         with fs.open(f"{base}/{kind}/{name}/{version}/manifest.json", "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True, default=str)
-        tmp = f"{base}/{kind}/{name}/{LATEST}.tmp"
-        with fs.open(tmp, "w") as f:
-            f.write(version)
-        fs.mv(tmp, f"{base}/{kind}/{name}/{LATEST}")
+        write_atomic(fs, f"{base}/{kind}/{name}/{LATEST}", version.encode())
         log.info("published %s/%s version %s", kind, name, version)
 
     def latest(self, kind: str, name: str) -> str | None:

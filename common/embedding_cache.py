@@ -5,6 +5,7 @@ then renamed), so a job that dies keeps what it encoded, and the next run encode
 """
 from __future__ import annotations
 
+import io
 import logging
 import uuid
 from collections.abc import Iterable
@@ -13,6 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+
+from common.artifacts import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,9 @@ class EmbeddingCache:
         """Add one part (a table with a ``content_hash`` column and vector columns); returns its path."""
         self._fs.makedirs(self._path, exist_ok=True)
         name = f"{self._path}/part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
-        with self._fs.open(name + ".tmp", "wb") as f:
-            pq.write_table(table, f)
-        self._fs.mv(name + ".tmp", name)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        write_atomic(self._fs, name, buf.getvalue())
         return name
 
     def lookup(self, hashes: Iterable[str]) -> pa.Table:

@@ -19,6 +19,7 @@ twice. Run one compaction at a time (a scheduled job), beside any number of appe
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from common.artifacts import write_atomic
 from common.catalog import ids_as_str
 from common.errors import ConfigError, SchemaError
 from common.events import EVENTS_SCHEMA, REQUIRED_COLUMNS, load_events, validate_events
@@ -260,10 +262,10 @@ def _parse_since(since: str | None) -> pd.Timestamp | None:
 
 
 def _write_durable(fs: fsspec.AbstractFileSystem, table: pa.Table, path: str) -> None:
-    """Write ``table`` to ``path`` atomically: a hidden temporary file, fsync'd (locally), then renamed."""
-    folder, name = path.rsplit("/", 1)
-    tmp = f"{folder}/.{name}.tmp"
+    """Write ``table`` to ``path`` atomically: locally a hidden temporary file, fsync'd, then renamed."""
     if isinstance(fs, LocalFileSystem):
+        folder, name = path.rsplit("/", 1)
+        tmp = f"{folder}/.{name}.tmp"
         created = not os.path.isdir(folder)
         os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -276,10 +278,9 @@ def _write_durable(fs: fsspec.AbstractFileSystem, table: pa.Table, path: str) ->
             _fsync_dir(os.path.dirname(folder))
             _fsync_dir(os.path.dirname(os.path.dirname(folder)))
         return
-    fs.makedirs(folder, exist_ok=True)
-    with fs.open(tmp, "wb") as f:  # object stores commit the upload on close
-        pq.write_table(table, f)
-    fs.mv(tmp, path)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_atomic(fs, path, buf.getvalue())  # one upload: the part appears whole or not at all
 
 
 def _fsync_dir(folder: str) -> None:

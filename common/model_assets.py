@@ -398,12 +398,12 @@ def resolve_source(model: str, pretrained: str | None, allow_random_weights: boo
     if model in PRESETS:
         if pre is not None and not pre.startswith(LOCAL_DIR):
             raise ConfigError(f"preset {model} takes pretrained=None or 'local-dir:/path'. Got {pre!r}")
-        folder = Path(pre[len(LOCAL_DIR):]) if pre else ensure_model(model)
+        folder = local_folder(pre[len(LOCAL_DIR):]) if pre else ensure_model(model)
         return _local_dir_source(folder, model, allow_random_weights)
     if model.startswith(LOCAL_DIR):
-        return _local_dir_source(Path(model[len(LOCAL_DIR):]), None, allow_random_weights)
+        return _local_dir_source(local_folder(model[len(LOCAL_DIR):]), None, allow_random_weights)
     if pre is not None and pre.startswith(LOCAL_DIR):
-        return _local_dir_source(Path(pre[len(LOCAL_DIR):]), model, allow_random_weights)
+        return _local_dir_source(local_folder(pre[len(LOCAL_DIR):]), model, allow_random_weights)
     if model.startswith("hf-hub:"):
         return ModelSource(model, None, model)
     import open_clip
@@ -423,6 +423,44 @@ def resolve_source(model: str, pretrained: str | None, allow_random_weights: boo
         log.warning("ENCODER USES RANDOM WEIGHTS: %s with allow_random_weights=True", model)
         return ModelSource(model, None, f"{model}:random")
     return ModelSource(model, pre, f"{model}:{Path(pre).name if Path(pre).is_file() else pre}")
+
+
+def local_folder(ref: str) -> Path:
+    """The local folder behind a ``local-dir:`` reference: a path as is, or a copy of a folder in object storage
+    (``s3://.../models/<name>/<version>``, any fsspec URI), fetched once into ``<cache>/models/remote/`` and reused
+    after (a published version never changes; a half-fetched copy is never used)."""
+    if "://" not in ref or ref.startswith("file://"):
+        return Path(ref.removeprefix("file://"))
+    from fsspec.core import url_to_fs
+
+    target = cache_dir() / "models" / "remote" / hashlib.sha256(ref.rstrip("/").encode()).hexdigest()[:20]
+    if (target / CONFIG_FILE).is_file():
+        return target
+    try:
+        fs, path = url_to_fs(ref)
+        if not fs.exists(f"{path.rstrip('/')}/{CONFIG_FILE}"):
+            raise ModelUnavailableError(f"{ref} is not an open_clip local-dir: {CONFIG_FILE} is missing")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            for remote in fs.find(path):
+                relative = remote[len(path.rstrip("/")) + 1:]
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(remote, str(staging / relative))
+            try:
+                os.replace(staging, target)
+            except OSError:  # another process finished the same copy first: use theirs
+                if not (target / CONFIG_FILE).is_file():
+                    raise
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    except ImportError as e:
+        raise ModelUnavailableError(f"cannot read {ref}: {e} (install vitrine[s3] or vitrine[gcs])") from e
+    except OSError as e:
+        raise ModelUnavailableError(f"cannot fetch the model folder {ref}: {type(e).__name__}: {e}") from e
+    log.info("fetched the model folder %s into %s", ref, target)
+    return target
 
 
 def _local_dir_source(folder: Path, label: str | None, allow_random: bool) -> ModelSource:

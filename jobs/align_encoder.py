@@ -6,7 +6,8 @@ The frozen towers' outputs are computed once and cached by encoder identity and 
 trains the heads of :mod:`common.alignment` on them (each worker a shard, DDP over gloo on CPUs), checkpointing
 every epoch and resuming from the last checkpoint when a worker fails. The result is a new open_clip
 ``local-dir:`` model folder, ``<artifacts>/models/<name>/<version>/``, with a ``manifest.json`` beside it, that
-``ItemEncoder(EncoderConfig(model="local-dir:<folder>"))`` loads like any other. Zero-shot accuracy and same-class
+``ItemEncoder(EncoderConfig(model="local-dir:<folder>"))`` loads like any other (in object storage, e.g.
+``local-dir:s3://bucket/artifacts/models/<name>/<version>``, it is fetched once into the cache). Zero-shot accuracy and same-class
 precision@10 on the Fashion-MNIST *test* split are measured before and after. The epoch kept is the one with the
 best score on a validation set of *train*-split photos outside the training pairs (``val_per_class`` per class):
 the test split never chooses anything.
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fsspec.core import url_to_fs
 
 from common import fashion_mnist
 from common.alignment import (
@@ -70,7 +72,7 @@ class AlignConfig:
     workers: int = 2  # Ray Train workers (each trains on its shard; gradients averaged by DDP)
     use_gpu: bool | None = None  # None = when the cluster has GPUs
     precision: str = "auto"  # frozen-tower precision for the one-off feature extraction
-    artifacts_uri: str = field(default_factory=default_artifacts_uri)  # a local folder (open_clip reads it)
+    artifacts_uri: str = field(default_factory=default_artifacts_uri)  # a folder or URI (s3://, gs://)
     features_dir: str | None = None  # frozen-feature cache; None = <VITRINE_CACHE>/features/alignment
     export_heads: str | None = None  # also write heads.safetensors + manifest.json here (the shipped preset)
     max_failures: int = 1  # worker failures Ray Train recovers from (from the last checkpoint)
@@ -93,9 +95,6 @@ class AlignConfig:
         if self.max_failures < 0 or not 0 <= self.fail_after_epoch <= self.epochs:
             raise ConfigError(f"max_failures must be >= 0 and fail_after_epoch in [0, epochs]. "
                               f"Got {self.max_failures}, {self.fail_after_epoch}")
-        if "://" in self.artifacts_uri and not self.artifacts_uri.startswith("file://"):
-            raise ConfigError(f"artifacts_uri must be a local folder (open_clip loads the model from it). "
-                              f"Got {self.artifacts_uri!r}")
         EncoderConfig(model=self.base_model, precision=self.precision)  # validates precision
 
 
@@ -118,7 +117,7 @@ class AlignData:
 class AlignResult:
     name: str
     version: str
-    model_dir: str  # the open_clip local-dir folder (load with model="local-dir:<model_dir>")
+    model_dir: str  # the open_clip local-dir folder or its URI (load with model="local-dir:<model_dir>")
     pairs: int  # training pairs
     epochs: int  # epochs trained in total
     resumed_from_epoch: int  # the first epoch of the last attempt (1 = never resumed)
@@ -254,8 +253,9 @@ def validation_score(heads: AlignmentHeads, visual: np.ndarray, labels: np.ndarr
     return 0.5 * (zero_shot_accuracy(images, embed(heads, text=prompts), labels) + precision_at_k(images, labels))
 
 
-def fit(cfg: AlignConfig, data: AlignData, run_dir: str) -> tuple[AlignmentHeads, dict[str, Any]]:
-    """Train the heads with a TorchTrainer; returns them (from the last checkpoint) and the last metrics."""
+def fit(cfg: AlignConfig, data: AlignData, storage: str, run_name: str) -> tuple[AlignmentHeads, dict[str, Any]]:
+    """Train the heads with a TorchTrainer (checkpoints under ``storage``/``run_name``, a folder or URI); returns
+    them (from the last checkpoint) and the last metrics."""
     import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -273,7 +273,7 @@ def fit(cfg: AlignConfig, data: AlignData, run_dir: str) -> tuple[AlignmentHeads
         train_loop_config={"data": ref, "train": dataclasses.asdict(cfg.train), "epochs": cfg.epochs,
                            "seed": cfg.seed, "fail_after_epoch": cfg.fail_after_epoch},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=Path(run_dir).name, storage_path=str(Path(run_dir).parent),
+        run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -313,9 +313,12 @@ def run(cfg: AlignConfig = AlignConfig(), data: AlignData | None = None) -> Alig
     data = data if data is not None else build_data(cfg)
     store = ArtifactStore(resolve_uri(cfg.artifacts_uri))
     version = store.new_version(KIND, cfg.name)
-    folder = Path(store.path(KIND, cfg.name, version).removeprefix("file://"))
+    target = store.path(KIND, cfg.name, version)
+    remote = "://" in target and not target.startswith("file://")
+    # open_clip writes and reads a local folder: in object storage the model is written locally, then uploaded
+    folder = Path(tempfile.mkdtemp(prefix="vitrine-align-")) if remote else Path(target.removeprefix("file://"))
     t1 = time.perf_counter()
-    heads, metrics = fit(cfg, data, store.path("train_runs", f"{cfg.name}-{version}").removeprefix("file://"))
+    heads, metrics = fit(cfg, data, store.path("train_runs").removeprefix("file://"), f"{cfg.name}-{version}")
     train_seconds = time.perf_counter() - t1
     before = evaluate(data.eval_image_before, data.prompts, data.eval_labels)
     after = evaluate(embed(heads, visual=data.eval_visual), embed(heads, text=data.prompts), data.eval_labels)
@@ -344,18 +347,30 @@ def run(cfg: AlignConfig = AlignConfig(), data: AlignData | None = None) -> Alig
     save_file(heads.export(), str(folder / HEADS_FILE))
     if cfg.verify:
         manifest["verify_min_cosine"] = round(verify_folder(folder, heads, data), 6)
+    if cfg.export_heads:
+        export_heads(folder, Path(cfg.export_heads))
+    if remote:
+        upload_folder(folder, target)
+        shutil.rmtree(folder)
     seconds = time.perf_counter() - t0
     manifest["seconds"] = round(seconds, 1)
     store.publish(KIND, cfg.name, version, manifest)
-    if cfg.export_heads:
-        export_heads(folder, Path(cfg.export_heads))
-    result = AlignResult(name=cfg.name, version=version, model_dir=str(folder), pairs=len(data.visual),
+    result = AlignResult(name=cfg.name, version=version, model_dir=target if remote else str(folder),
+                         pairs=len(data.visual),
                          epochs=int(metrics["epoch"]), resumed_from_epoch=int(metrics["start_epoch"]),
                          best_epoch=int(metrics["best_epoch"]),
                          final_loss=float(metrics["loss"]), temperature=1.0 / scale, before=before, after=after,
                          seconds=seconds, train_seconds=train_seconds)
     log.info("%s", result.summary())
     return result
+
+
+def upload_folder(folder: Path, uri: str) -> None:
+    """Copy every file of ``folder`` to ``uri`` (object storage), keeping the layout."""
+    fs, path = url_to_fs(uri)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        fs.put_file(str(file), f"{path.rstrip('/')}/{file.relative_to(folder).as_posix()}")
+    log.info("uploaded the model folder to %s", uri)
 
 
 def export_heads(model_folder: Path, target: Path) -> None:
