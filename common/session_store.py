@@ -23,13 +23,17 @@ earlier items in ``seen``; those of earlier batches are not kept. When a gap end
 has no vector yet, the old row is deleted, so ``get`` never serves an ended session's vector as live.
 
 Writes are read-modify-write per batch (one fresh ``get``, which sees every update acknowledged before it, and one
-``upsert``): concurrent updates of the *same* user from two replicas may still lose one of them (last writer
-wins), so route a user's events to one replica at a time.
+``upsert``). Within one process, batches touching the same user take that user's lock (striped locks held over
+the read and the write), so concurrent requests never lose an update; two *processes* updating the same user at
+the same moment may still lose one (last writer wins), which is why the serving graph runs one event sink.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import threading
+import zlib
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MAX_RECENT = 20  # positively engaged items kept per session
 MAX_SEEN = 200  # interacted items kept per session
+LOCK_STRIPES = 64  # per-user locks of one process, by hash of the user id
 SESSION_FIELDS = {"n_events": "int", "updated_at": "str", "recent": "json", "seen": "json"}
 
 
@@ -74,6 +79,7 @@ class SessionStore:
         self.dim = dim
         self.gap_seconds = float(gap_seconds)
         self.weights = weights or EventWeights()
+        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         store.ensure_collection(CollectionSpec(name=collection, dim=dim, model=model, fields=dict(SESSION_FIELDS)))
 
     def get(self, user_id: str, fresh: bool = False) -> Session | None:
@@ -95,6 +101,20 @@ class SessionStore:
                               "weight": self.weights.weigh(events)})
         frame = frame.sort_values("ts", kind="stable")
         users = list(dict.fromkeys(frame["user_id"]))
+        with self._locked(users):
+            return self._update(frame, users, item_vectors)
+
+    @contextmanager
+    def _locked(self, users: list[str]) -> Iterator[None]:
+        """Hold the locks of ``users`` (taken in stripe order, so two batches never wait on each other in a cycle)."""
+        stripes = sorted({zlib.crc32(u.encode()) % LOCK_STRIPES for u in users})
+        with ExitStack() as held:
+            for i in stripes:
+                held.enter_context(self._locks[i])
+            yield
+
+    def _update(self, frame: pd.DataFrame, users: list[str],
+                item_vectors: Mapping[str, np.ndarray]) -> dict[str, Session]:
         stored = {r["item_id"]: _session(r)  # fresh: fold onto every update acknowledged so far, by any replica
                   for r in self.store.get(self.collection, users, with_vectors=True, fresh=True)}
         out: dict[str, Session] = {}

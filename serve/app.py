@@ -41,5 +41,8 @@ def build_app(args: ServeConfig | Mapping[str, Any] | None = None) -> Applicatio
     retriever = Retriever.options(**cfg.retriever.options(access_log=access)).bind(cfg, text)
     reranker = Reranker.options(**cfg.reranker.options(access_log=access)).bind(cfg)
     business = BusinessFilter.options(user_config=rules, **cfg.business_filter.options(access_log=access)).bind()
+    if cfg.events_sink.max_replicas > 1:
+        log.warning("events_sink.max_replicas=%d: two sink replicas updating one user's session at the same moment "
+                    "can lose one update (the event log keeps both events)", cfg.events_sink.max_replicas)
     events = EventSink.options(**cfg.events_sink.options(access_log=access)).bind(cfg)
     return Ingress.options(**cfg.ingress.options()).bind(cfg, retriever, reranker, business, events)

@@ -142,3 +142,27 @@ def test_bad_input(sessions, store, vectors):
     with pytest.raises(ConfigError, match=r"\[3\]"):
         sessions.update(_events(("u1", "i1", "view", 0)), {"i1": np.ones(3)})
     assert sessions.update(pd.DataFrame(columns=["user_id", "item_id", "event", "ts"]), vectors) == {}
+
+
+def test_concurrent_updates_of_one_user_lose_nothing(sessions, vectors, monkeypatch):
+    """Serve runs the sink's requests on threads: two batches of one user must not read the same old session."""
+    import threading
+    import time
+
+    real_get = sessions.store.get
+
+    def slow_get(*args, **kwargs):  # the real read, made slow enough that unguarded threads would overlap
+        rows = real_get(*args, **kwargs)
+        time.sleep(0.05)
+        return rows
+
+    monkeypatch.setattr(sessions.store, "get", slow_get)
+    items = [f"i{k}" for k in range(8)]
+    threads = [threading.Thread(target=sessions.update, args=(_events(("u9", item, "view", k)), vectors))
+               for k, item in enumerate(items)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = sessions.get("u9")
+    assert got.n_events == 8 and set(got.seen) == set(items)

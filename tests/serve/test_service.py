@@ -190,6 +190,20 @@ def test_concurrent_event_requests_each_get_their_own_answer(service):
     assert logged["user_id"].str.startswith(f"burst-{tag}-").sum() == sum(n + 1 for n in range(8))
 
 
+def test_one_shoppers_concurrent_events_all_reach_the_session(service):
+    """Six requests of one user at once: each is folded onto the one before (none reads a session another
+    overwrites), so their answers count 1..6 and the session ends with all six."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    df = items(service)
+    user = f"rush-{uuid.uuid4().hex[:8]}"
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda n: post_events(service, [{"user_id": user, "item_id": df["item_id"].iloc[n],
+                                                                 "event": "view"}]), range(6)))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert sorted(r.json()["sessions"][user] for r in answers) == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize("body", [
     {"events": []},
     {"events": [{"user_id": "u", "event": "view"}]},
