@@ -125,6 +125,7 @@ class VectorStore(Protocol):
     def has_collection(self, name: str) -> bool: ...
     def list_collections(self) -> list[str]: ...
     def drop_collection(self, name: str) -> None: ...
+    def swap(self, alias: str, collection: str) -> str | None: ...
     def upsert(self, name: str, rows: list[dict[str, Any]]) -> int: ...
     def delete(self, name: str, ids: list[str]) -> int: ...
     def get(self, name: str, ids: list[str], with_vectors: bool = False,
@@ -148,6 +149,23 @@ def open_store(uri: str, *, connect_timeout: float = 5.0, call_timeout: float = 
     store.search_ef = check_ef(search_ef)
     store._open_args["search_ef"] = store.search_ef
     return store
+
+
+def replace_vectors(store: VectorStore, name: str, tag: str, model: str, ids: Sequence[str], vectors: np.ndarray,
+                    index: str = "HNSW", batch: int = 2048) -> int:
+    """Replace everything readers find under ``name`` with these vectors (a new model's: two trainings' spaces never
+    mix): written to a new collection ``<name>__<tag>``, flushed, then ``name`` is moved to it in one step
+    (``VectorStore.swap``), so searches see the old vectors until the new ones are complete. Returns rows written."""
+    physical = f"{name}__{tag}"
+    store.drop_collection(physical)  # what a failed run of the same version left
+    store.ensure_collection(CollectionSpec(name=physical, dim=int(vectors.shape[1]), model=model, index=index))
+    written = 0
+    for start in range(0, len(ids), batch):
+        written += store.upsert(physical, [{"item_id": str(i), "vector": v}
+                                           for i, v in zip(ids[start:start + batch], vectors[start:start + batch])])
+    store.flush(physical)
+    store.swap(name, physical)
+    return written
 
 
 def check_ef(ef: int) -> int:
@@ -324,15 +342,63 @@ class MilvusStore:
         return bool(self._call("has_collection", name, "has_collection", name))
 
     def list_collections(self) -> list[str]:
-        return sorted(self._call("list_collections", None, "list_collections"))
+        """Every name a read can use: the collections and the aliases pointing at them."""
+        names = list(self._call("list_collections", None, "list_collections"))
+        for name in list(names):
+            names.extend(self._aliases_of(name))
+        return sorted(set(names))
 
     def drop_collection(self, name: str) -> None:
-        """Drop the collection and its data; a no-op when it does not exist."""
+        """Drop the collection and its data (an alias: the alias and the collection it names); a no-op when it
+        does not exist."""
+        target = self._alias_target(name)
+        if target is not None:
+            self._call("drop_alias", name, "drop_alias", name)
+            self._forget(name)
+            name = target
         if self.has_collection(name):
+            for alias in self._aliases_of(name):
+                self._call("drop_alias", alias, "drop_alias", alias)
+                self._forget(alias)
             self._call("drop", name, "drop_collection", name)
             logger.info("Dropped collection %s", name)
+        self._forget(name)
+
+    def swap(self, alias: str, collection: str) -> str | None:
+        """Point ``alias`` at ``collection`` in one step, so readers of ``alias`` move from the old data to the new
+        with no moment in between; then drop the collection it named before and return that name. A plain
+        collection called ``alias`` (written before aliases were used) is dropped first: a gap once."""
+        previous = self._alias_target(alias)
+        if previous is None:
+            if self.has_collection(alias):
+                logger.warning("replacing the plain collection %s by an alias (a one-off gap for its readers)", alias)
+                self.drop_collection(alias)
+            self._call("create_alias", alias, "create_alias", collection, alias)
+        elif previous != collection:
+            self._call("alter_alias", alias, "alter_alias", collection, alias)
+        self._forget(alias)
+        logger.info("%s now names %s (was %s)", alias, collection, previous)
+        if previous is not None and previous != collection:
+            self.drop_collection(previous)
+        return previous if previous != collection else None
+
+    def _alias_target(self, name: str) -> str | None:
+        """The collection ``name`` points at when it is an alias; None when it is not one."""
+        try:
+            return str(self._call("describe_alias", name, "describe_alias", name)["collection_name"])
+        except StoreUnavailableError:
+            raise
+        except (NotFoundError, StoreError):
+            return None
+
+    def _aliases_of(self, collection: str) -> list[str]:
+        return list(self._call("list_aliases", collection, "list_aliases", collection).get("aliases") or [])
+
+    def _forget(self, name: str) -> None:
+        """Drop what this client remembers of ``name`` (its spec, pending flush, filter counts)."""
         self._specs.pop(name, None)
         self._dirty.discard(name)
+        self._forget_counts(name)
         self._forget_counts(name)
 
     # ------------------------------------------------------------------------------------------- rows

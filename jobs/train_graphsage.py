@@ -41,7 +41,7 @@ from common.graphsage import (
 )
 from common.interactions import build_interactions
 from common.item_index import VECTOR_KINDS, check_base_name
-from common.vector_store import CollectionSpec, VectorStore, open_store
+from common.vector_store import open_store, replace_vectors
 from jobs.ray_runtime import cluster_gpus, ensure_ray
 
 log = logging.getLogger(__name__)
@@ -239,18 +239,6 @@ def _copy_folder(local: str, uri: str) -> None:
                 dst.write(src.read())
 
 
-def _write_vectors(store: VectorStore, name: str, model_id: str, ids: np.ndarray, vectors: np.ndarray,
-                   index: str) -> int:
-    """Replace ``name`` with these vectors: a collection never mixes two trainings (their spaces differ)."""
-    if store.has_collection(name) and store.describe(name).model != model_id:
-        log.info("replacing %s (it held %s)", name, store.describe(name).model)
-        store.drop_collection(name)
-    store.ensure_collection(CollectionSpec(name=name, dim=int(vectors.shape[1]), model=model_id, index=index))
-    n = store.upsert(name, [{"item_id": str(i), "vector": v} for i, v in zip(ids, vectors)])
-    store.flush(name)
-    return n
-
-
 def run(cfg: TrainGraphSAGEConfig, on_epoch_end: EpochHook | None = None) -> TrainGraphSAGEResult:
     """Train, embed, write vectors and checkpoint, publish. ``on_epoch_end`` runs on every worker after each
     epoch's checkpoint (fault drills raise from it)."""
@@ -277,9 +265,11 @@ def run(cfg: TrainGraphSAGEConfig, on_epoch_end: EpochHook | None = None) -> Tra
     item_collection, user_collection = collection_names(cfg.collection)
     store = open_store(cfg.store_uri)
     try:
-        n_items = _write_vectors(store, item_collection, model_id, item_ids, export_item_vectors(item_emb), cfg.index)
-        n_users = _write_vectors(store, user_collection, model_id, interactions.users[active],
-                                 export_user_vectors(user_emb[active]), cfg.index)
+        # a new collection per training, the name moved to it when complete: searches never see a gap or a mix
+        n_items = replace_vectors(store, item_collection, version, model_id, item_ids,
+                                  export_item_vectors(item_emb), cfg.index)
+        n_users = replace_vectors(store, user_collection, version, model_id, interactions.users[active],
+                                  export_user_vectors(user_emb[active]), cfg.index)
     finally:
         store.close()
     start = int(result.metrics.get("start_epoch", 0))

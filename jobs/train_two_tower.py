@@ -42,7 +42,7 @@ from common.two_tower import (
     make_optimizer,
     run_epoch,
 )
-from common.vector_store import CollectionSpec, open_store
+from common.vector_store import open_store, replace_vectors
 from jobs.ray_runtime import cluster_cpus, cluster_gpus, ensure_ray
 
 log = logging.getLogger(__name__)
@@ -269,18 +269,13 @@ def _write_vectors(uri: str, ids: np.ndarray, vectors: np.ndarray, id_column: st
                        f)
 
 
-def _upsert(cfg: TrainTwoTowerConfig, name: str, identity: str, ids: np.ndarray, vectors: np.ndarray) -> None:
-    """Replace the collection: vectors of two trainings are not comparable, so a new model drops the old one."""
+def _upsert(cfg: TrainTwoTowerConfig, name: str, version: str, identity: str, ids: np.ndarray,
+            vectors: np.ndarray) -> None:
+    """Replace what readers find under ``name`` (vectors of two trainings are not comparable): a new collection,
+    then the name moves to it at once (common.vector_store.replace_vectors)."""
     store = open_store(cfg.store_uri)
     try:
-        if store.has_collection(name):
-            log.info("replacing collection %s with model %s", name, identity)
-            store.drop_collection(name)
-        store.ensure_collection(CollectionSpec(name=name, dim=int(vectors.shape[1]), model=identity, index=cfg.index))
-        for start in range(0, len(ids), 2048):
-            store.upsert(name, [{"item_id": str(i), "vector": v}
-                                for i, v in zip(ids[start:start + 2048], vectors[start:start + 2048])])
-        store.flush(name)
+        replace_vectors(store, name, version, identity, ids, vectors, cfg.index)
     finally:
         store.close()
 
@@ -315,8 +310,8 @@ def run(cfg: TrainTwoTowerConfig) -> TrainTwoTowerResult:
     _write_vectors(artifacts.path(KIND, cfg.collection, version, "user_vectors.parquet"), inter.users, user_vectors,
                    "user_id")
     items_collection, users_collection = f"{cfg.collection}_two_tower_items", f"{cfg.collection}_two_tower_users"
-    _upsert(cfg, items_collection, identity, inter.items, item_vectors)
-    _upsert(cfg, users_collection, identity, inter.users, user_vectors)
+    _upsert(cfg, items_collection, version, identity, inter.items, item_vectors)
+    _upsert(cfg, users_collection, version, identity, inter.users, user_vectors)
     metrics = result.metrics or {}
     out = TrainTwoTowerResult(
         version=version, model_identity=identity, epochs=int(state["epoch"]),

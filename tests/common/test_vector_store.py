@@ -148,6 +148,29 @@ def test_drop_collection(store):
     store.drop_collection(spec.name)  # dropping a missing collection is a no-op
 
 
+def test_swap_moves_readers_to_a_new_collection_at_once_and_drops_the_old(store):
+    """A retrained model's vectors go to a new collection; the name readers use moves to it in one step."""
+    alias = f"t{next(_names)}"
+    versions = {}
+    for v in ("a", "b"):
+        versions[v] = CollectionSpec(f"{alias}_v{v}", DIM, f"model-{v}", {}, "FLAT")
+        store.ensure_collection(versions[v])
+        store.upsert(versions[v].name, [{"item_id": f"{v}{i}", "vector": x} for i, x in enumerate(_vectors(3))])
+    store.ensure_collection(CollectionSpec(alias, DIM, "before-aliases", {}, "FLAT"))  # the old plain layout
+    assert store.swap(alias, versions["a"].name) is None
+    query = _vectors(3)[1]
+    assert store.search(alias, query, 1)[0][0].item_id == "a1"
+    assert store.describe(alias).model == "model-a" and alias in store.list_collections()
+    assert store.get(alias, ["a2"])[0]["item_id"] == "a2"
+    assert store.swap(alias, versions["b"].name) == versions["a"].name
+    assert store.search(alias, query, 1)[0][0].item_id == "b1"
+    assert store.describe(alias).model == "model-b" and store.count(alias) == 3
+    assert not store.has_collection(versions["a"].name)  # the replaced version is gone
+    assert store.swap(alias, versions["b"].name) is None  # idempotent
+    store.drop_collection(alias)  # the alias and the collection it names
+    assert not store.has_collection(alias) and not store.has_collection(versions["b"].name)
+
+
 def test_unknown_collection_raises_not_found(store):
     q = _vectors(1)
     calls = [lambda: store.describe("nope"), lambda: store.search("nope", q, 3), lambda: store.count("nope"),

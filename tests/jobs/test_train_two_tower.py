@@ -73,6 +73,8 @@ def test_trains_on_two_workers_and_publishes_checkpoint_model_and_vectors(traine
     for name, n in ((r.items_collection, 37), (r.users_collection, 36)):
         assert store.count(name) == n
         assert store.describe(name).model == r.model_identity
+        # readers use the name; the vectors sit in this version's own collection, the name moved to it at the end
+        assert f"{name}__{r.version}" in store.list_collections()
     # the stored user vector of an A-lover finds A items first
     a_user = next(u for u, t in world["taste"].items() if t == "A")
     user = store.get(r.users_collection, [a_user], with_vectors=True)[0]
