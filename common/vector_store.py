@@ -399,7 +399,6 @@ class MilvusStore:
         self._specs.pop(name, None)
         self._dirty.discard(name)
         self._forget_counts(name)
-        self._forget_counts(name)
 
     # ------------------------------------------------------------------------------------------- rows
 
@@ -448,8 +447,8 @@ class MilvusStore:
                 rows = self._get_rows(name, wanted, fields, consistency="Strong", timeout=self._fresh_timeout)
             except StoreUnavailableError as e:  # the server's time tick lags (seen after restarts): degrade
                 self.stale_reads += 1
-                logger.warning("a fresh read of %s took over %.1f s; reading without waiting (%d so far): %s",
-                               name, self._fresh_timeout, self.stale_reads, str(e).splitlines()[0][:200])
+                logger.warning("a fresh read of %s failed or took over %.1f s; reading without waiting (%d so far): "
+                               "%s", name, self._fresh_timeout, self.stale_reads, str(e).splitlines()[0][:200])
         if rows is None:
             rows = self._get_rows(name, wanted, fields, consistency="Session")
         found = {row[PRIMARY_KEY]: row for row in rows}

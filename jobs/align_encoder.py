@@ -7,10 +7,10 @@ trains the heads of :mod:`common.alignment` on them (each worker a shard, DDP ov
 every epoch and resuming from the last checkpoint when a worker fails. The result is a new open_clip
 ``local-dir:`` model folder, ``<artifacts>/models/<name>/<version>/``, with a ``manifest.json`` beside it, that
 ``ItemEncoder(EncoderConfig(model="local-dir:<folder>"))`` loads like any other (in object storage, e.g.
-``local-dir:s3://bucket/artifacts/models/<name>/<version>``, it is fetched once into the cache). Zero-shot accuracy and same-class
-precision@10 on the Fashion-MNIST *test* split are measured before and after. The epoch kept is the one with the
-best score on a validation set of *train*-split photos outside the training pairs (``val_per_class`` per class):
-the test split never chooses anything.
+``local-dir:s3://bucket/artifacts/models/<name>/<version>``, it is fetched once into the cache). Zero-shot accuracy
+and same-class precision@10 on the Fashion-MNIST *test* split are measured before and after. The epoch kept is the
+one with the best score on a validation set of *train*-split photos outside the training pairs (``val_per_class``
+per class): the test split never chooses anything.
 """
 from __future__ import annotations
 
@@ -315,8 +315,6 @@ def run(cfg: AlignConfig = AlignConfig(), data: AlignData | None = None) -> Alig
     version = store.new_version(KIND, cfg.name)
     target = store.path(KIND, cfg.name, version)
     remote = "://" in target and not target.startswith("file://")
-    # open_clip writes and reads a local folder: in object storage the model is written locally, then uploaded
-    folder = Path(tempfile.mkdtemp(prefix="vitrine-align-")) if remote else Path(target.removeprefix("file://"))
     t1 = time.perf_counter()
     heads, metrics = fit(cfg, data, store.path("train_runs").removeprefix("file://"), f"{cfg.name}-{version}")
     train_seconds = time.perf_counter() - t1
@@ -340,18 +338,23 @@ def run(cfg: AlignConfig = AlignConfig(), data: AlignData | None = None) -> Alig
                          "score": "mean of zero-shot accuracy and same-class P@10; picks the epoch kept"},
         "temperature": 1.0 / scale, "train_seconds": round(train_seconds, 1),
     }
-    write_aligned_model(ensure_model(cfg.base_model), heads.export(), folder,
-                        {"preset": cfg.name, "training": manifest})
     from safetensors.torch import save_file
 
-    save_file(heads.export(), str(folder / HEADS_FILE))
-    if cfg.verify:
-        manifest["verify_min_cosine"] = round(verify_folder(folder, heads, data), 6)
-    if cfg.export_heads:
-        export_heads(folder, Path(cfg.export_heads))
-    if remote:
-        upload_folder(folder, target)
-        shutil.rmtree(folder)
+    # open_clip writes and reads a local folder: for object storage the model is written locally, then uploaded
+    folder = Path(tempfile.mkdtemp(prefix="vitrine-align-")) if remote else Path(target.removeprefix("file://"))
+    try:
+        write_aligned_model(ensure_model(cfg.base_model), heads.export(), folder,
+                            {"preset": cfg.name, "training": manifest})
+        save_file(heads.export(), str(folder / HEADS_FILE))
+        if cfg.verify:
+            manifest["verify_min_cosine"] = round(verify_folder(folder, heads, data), 6)
+        if cfg.export_heads:
+            export_heads(folder, Path(cfg.export_heads))
+        if remote:
+            upload_folder(folder, target)
+    finally:
+        if remote:
+            shutil.rmtree(folder, ignore_errors=True)
     seconds = time.perf_counter() - t0
     manifest["seconds"] = round(seconds, 1)
     store.publish(KIND, cfg.name, version, manifest)
