@@ -441,16 +441,19 @@ class MilvusStore:
         fields = [PRIMARY_KEY, *spec.fields, *([VECTOR_FIELD] if with_vectors else [])]
         wanted = list(dict.fromkeys(check_ids(ids)))
         self._before_read(name)
-        rows = None
+        rows, consistency = None, "Session"
         if fresh and not self.is_lite:  # Milvus Lite has no time tick: every read already sees every write
             try:
                 rows = self._get_rows(name, wanted, fields, consistency="Strong", timeout=self._fresh_timeout)
-            except StoreUnavailableError as e:  # the server's time tick lags (seen after restarts): degrade
+            except StoreUnavailableError as e:
+                # The server's time tick lags: seen for minutes after a restart, while it replays the write log.
+                # "Session" would wait as well (for this client's own last write): read what is there now.
                 self.stale_reads += 1
+                consistency = "Eventually"
                 logger.warning("a fresh read of %s failed or took over %.1f s; reading without waiting (%d so far): "
                                "%s", name, self._fresh_timeout, self.stale_reads, str(e).splitlines()[0][:200])
         if rows is None:
-            rows = self._get_rows(name, wanted, fields, consistency="Session")
+            rows = self._get_rows(name, wanted, fields, consistency=consistency)
         found = {row[PRIMARY_KEY]: row for row in rows}
         return [found[i] for i in wanted if i in found]
 
