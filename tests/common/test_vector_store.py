@@ -249,6 +249,7 @@ def test_a_fresh_get_that_runs_out_of_time_reads_without_waiting(store, fresh, m
     if store.is_lite:
         pytest.skip("Milvus Lite has no time tick: a fresh read is a plain read there")
     store.upsert(fresh.name, _rows(_vectors(3, seed=4)))
+    assert len(store.get(fresh.name, ["i0", "i1", "i2"], fresh=True)) == 3  # written and visible
     monkeypatch.setattr(store, "_fresh_timeout", 1e-6)  # no server answers within a microsecond
     before = store.stale_reads
     with caplog.at_level("WARNING", logger="common.vector_store"):
