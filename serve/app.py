@@ -14,12 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig
 
 from serve.business_filter import BusinessFilter
 from serve.config import ServeConfig, config_from_mapping
 from serve.events import EventSink
-from serve.routing import UserAffinityRouter
 from serve.ingress import Ingress
 from serve.reranker import Reranker
 from serve.retriever import Retriever
@@ -43,8 +41,8 @@ def build_app(args: ServeConfig | Mapping[str, Any] | None = None) -> Applicatio
     retriever = Retriever.options(**cfg.retriever.options(access_log=access)).bind(cfg, text)
     reranker = Reranker.options(**cfg.reranker.options(access_log=access)).bind(cfg)
     business = BusinessFilter.options(user_config=rules, **cfg.business_filter.options(access_log=access)).bind()
-    # each user's events go to the sink replica that owns the user, whose lock serialises that session's updates
-    router = RequestRouterConfig(request_router_class=UserAffinityRouter)
-    events = EventSink.options(request_router_config=router,
-                               **cfg.events_sink.options(access_log=access)).bind(cfg)
+    if cfg.events_sink.max_replicas > 1:
+        log.warning("events_sink.max_replicas=%d: two sink replicas updating one user's session at the same moment "
+                    "can lose one update (the event log keeps both events)", cfg.events_sink.max_replicas)
+    events = EventSink.options(**cfg.events_sink.options(access_log=access)).bind(cfg)
     return Ingress.options(**cfg.ingress.options()).bind(cfg, retriever, reranker, business, events)

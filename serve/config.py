@@ -93,11 +93,11 @@ class ServeConfig:
     retriever: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=2))
     reranker: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.2, max_replicas=2))
     business_filter: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.1, max_replicas=2))
-    # Each user's events go to the sink replica that owns the user (serve.routing), whose per-user locks serialise
-    # that session's updates: the sink scales out without losing one.
-    events_sink: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.1, max_replicas=2))
+    # One event sink: its requests run on threads that take per-user locks, so a user's concurrent events never
+    # lose a session update; two sink replicas could (last writer wins across processes). Raise it knowingly.
+    events_sink: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.1, max_replicas=1))
     text_encoder: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=1))
-    # At their maxima the defaults reserve 1.95 logical CPUs: the whole graph can scale out on 2 cores.
+    # At their maxima the defaults reserve 1.85 logical CPUs: the whole graph can scale out on 2 cores.
 
     def __post_init__(self) -> None:
         check_base_name(self.collection)

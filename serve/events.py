@@ -35,9 +35,8 @@ class EventSink:
     def _known(self, ids: Sequence[str]) -> set[str]:
         return {r["item_id"] for r in self.store.get(self.content, list(dict.fromkeys(ids)))}
 
-    def append(self, rows: list[dict[str, Any]], route_key: str | None = None) -> dict[str, Any]:
-        """Validate + append durably, then update sessions. Returns counts, rejections and the sessions touched.
-        ``route_key`` (the user) only steers the request to the replica that owns it (serve.routing)."""
+    def append(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Validate + append durably, then update sessions. Returns counts, rejections and the sessions touched."""
         result = self.log.append(rows)
         sessions: dict[str, int] = {}
         if result.accepted:

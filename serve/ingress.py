@@ -6,7 +6,6 @@ one-line message (the trace goes to the replica's log).
 """
 # No `from __future__ import annotations` here: Serve rebuilds the routes and cannot resolve string annotations.
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -42,14 +41,6 @@ class Event(BaseModel):
     order_id: str | None = None
     button: str | None = None
     value: float | None = None
-
-
-def merge_appends(positions: list[list[int]], parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One answer for a batch sent as several sink calls: counts summed, each rejected row's ``index`` mapped back
-    to its place in the batch (``positions[k]`` holds the batch indexes of call ``k``'s rows)."""
-    rejected = [{**r, "index": at[r["index"]]} for at, part in zip(positions, parts) for r in part["rejected"]]
-    return {"accepted": sum(p["accepted"] for p in parts), "rejected": sorted(rejected, key=lambda r: r["index"]),
-            "sessions": {u: n for p in parts for u, n in p["sessions"].items()}}
 
 
 class EventBatch(BaseModel):
@@ -205,16 +196,9 @@ class Ingress:
 
     @api.post("/events")
     async def post_events(self, batch: EventBatch) -> Any:
-        """Append a batch durably (acknowledged = written), then update the users' session vectors. Each user's
-        events go to the sink replica that owns that user (serve.routing), one call per user in the batch."""
+        """Append a batch durably (acknowledged = written), then update the users' session vectors."""
         t0 = time.perf_counter()
-        rows = [e.model_dump() for e in batch.events]
-        by_user: dict[str, list[int]] = {}
-        for i, row in enumerate(rows):
-            by_user.setdefault(row["user_id"], []).append(i)
-        parts = await asyncio.gather(*(self.events.append.remote([rows[i] for i in at], route_key=user)
-                                       for user, at in by_user.items()))
-        result = merge_appends(list(by_user.values()), parts)
+        result = await self.events.append.remote([e.model_dump() for e in batch.events])
         body = {**result, "took_ms": round((time.perf_counter() - t0) * 1e3, 2)}
         if not result["accepted"]:
             return JSONResponse({"error": "no valid event in the batch", **body}, status_code=422)

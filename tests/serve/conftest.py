@@ -68,9 +68,7 @@ def serve_config(shop, **overrides):
     values = dict(collection=BASE, store_uri=shop["store"], artifacts_uri=shop["artifacts"],
                   events=str(shop["tmp"] / "events.parquet"), users=str(shop["tmp"] / "users.parquet"),
                   event_log=str(shop["tmp"] / "event_log"), candidates=30, port=free_port(), ingress=one,
-                  retriever=one, reranker=one, business_filter=one, text_encoder=one,
-                  # two sinks: each shopper's events must reach the one replica that owns the shopper
-                  events_sink=Replicas(num_cpus=0.1, min_replicas=2, max_replicas=2))
+                  retriever=one, reranker=one, business_filter=one, events_sink=one, text_encoder=one)
     values.update(overrides)
     return ServeConfig(**values)
 

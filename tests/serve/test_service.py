@@ -190,23 +190,6 @@ def test_concurrent_event_requests_each_get_their_own_answer(service):
     assert logged["user_id"].str.startswith(f"burst-{tag}-").sum() == sum(n + 1 for n in range(8))
 
 
-def test_a_batch_of_several_shoppers_is_answered_as_one(service):
-    """The ingress sends each shopper's events to that shopper's sink replica; the answer still speaks of the
-    batch: rejected rows keep their place in it."""
-    df = items(service)
-    a, b = (f"mix-{uuid.uuid4().hex[:8]}" for _ in range(2))
-    batch = [{"user_id": a, "item_id": df["item_id"].iloc[0], "event": "view"},
-             {"user_id": b, "item_id": df["item_id"].iloc[1], "event": "view"},
-             {"user_id": a, "item_id": "no-such-item", "event": "view"},
-             {"user_id": b, "item_id": df["item_id"].iloc[2], "event": "wishlist"}]
-    r = post_events(service, batch)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["accepted"] == 3 and [x["index"] for x in body["rejected"]] == [2]
-    assert "no-such-item" in body["rejected"][0]["reason"]
-    assert body["sessions"] == {a: 1, b: 2}
-
-
 def test_one_shoppers_concurrent_events_all_reach_the_session(service):
     """Six requests of one user at once: each is folded onto the one before (none reads a session another
     overwrites), so their answers count 1..6 and the session ends with all six."""
