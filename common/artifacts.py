@@ -5,6 +5,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -29,6 +30,16 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     fs.makedirs(folder, exist_ok=True)
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
+
+
+def upload_folder(folder: str | Path, uri: str) -> None:
+    """Copy every file under the local ``folder`` to ``uri`` (a folder or any fsspec URI), keeping the layout."""
+    fs, path = url_to_fs(uri)
+    folder = Path(folder)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        target = f"{path.rstrip('/')}/{file.relative_to(folder).as_posix()}"
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)  # a no-op on object stores
+        fs.put_file(str(file), target)
 
 
 @dataclass(frozen=True)

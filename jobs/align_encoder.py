@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fsspec.core import url_to_fs
 
 from common import fashion_mnist
 from common.alignment import (
@@ -41,7 +40,7 @@ from common.alignment import (
     write_aligned_model,
     zero_shot_accuracy,
 )
-from common.artifacts import ArtifactStore
+from common.artifacts import ArtifactStore, upload_folder
 from common.config import default_artifacts_uri, from_mapping, resolve_uri, values_from_args
 from common.encoder import EncoderConfig, ItemEncoder
 from common.errors import ConfigError
@@ -352,6 +351,7 @@ def run(cfg: AlignConfig = AlignConfig(), data: AlignData | None = None) -> Alig
             export_heads(folder, Path(cfg.export_heads))
         if remote:
             upload_folder(folder, target)
+            log.info("uploaded the model folder to %s", target)
     finally:
         if remote:
             shutil.rmtree(folder, ignore_errors=True)
@@ -366,14 +366,6 @@ def run(cfg: AlignConfig = AlignConfig(), data: AlignData | None = None) -> Alig
                          seconds=seconds, train_seconds=train_seconds)
     log.info("%s", result.summary())
     return result
-
-
-def upload_folder(folder: Path, uri: str) -> None:
-    """Copy every file of ``folder`` to ``uri`` (object storage), keeping the layout."""
-    fs, path = url_to_fs(uri)
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        fs.put_file(str(file), f"{path.rstrip('/')}/{file.relative_to(folder).as_posix()}")
-    log.info("uploaded the model folder to %s", uri)
 
 
 def export_heads(model_folder: Path, target: Path) -> None:

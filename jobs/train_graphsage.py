@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from fsspec.core import url_to_fs
 
-from common.artifacts import ArtifactStore
+from common.artifacts import ArtifactStore, upload_folder
 from common.config import default_artifacts_uri, default_catalog, default_store_uri, from_mapping, values_from_args
 from common.errors import ConfigError, NotFoundError, TrainingFailedError
 from common.events import EventWeights, load_events
@@ -230,15 +230,6 @@ def _fit(cfg: TrainGraphSAGEConfig, graph: BipartiteGraph, run_name: str, on_epo
     return result
 
 
-def _copy_folder(local: str, uri: str) -> None:
-    fs, path = url_to_fs(uri)
-    fs.makedirs(path, exist_ok=True)
-    for file in Path(local).iterdir():
-        if file.is_file():
-            with open(file, "rb") as src, fs.open(f"{path}/{file.name}", "wb") as dst:
-                dst.write(src.read())
-
-
 def run(cfg: TrainGraphSAGEConfig, on_epoch_end: EpochHook | None = None) -> TrainGraphSAGEResult:
     """Train, embed, write vectors and checkpoint, publish. ``on_epoch_end`` runs on every worker after each
     epoch's checkpoint (fault drills raise from it)."""
@@ -258,7 +249,7 @@ def run(cfg: TrainGraphSAGEConfig, on_epoch_end: EpochHook | None = None) -> Tra
     checkpoint_uri = artifacts.path(KIND, cfg.collection, version, "checkpoint")
     with result.checkpoint.as_directory() as folder:
         model, state = load_model(folder)
-        _copy_folder(folder, checkpoint_uri)
+        upload_folder(folder, checkpoint_uri)
     user_emb, item_emb = embed_graph(model, graph)
     active = graph.degree[:graph.n_users] > 0
     model_id = f"{describe(cfg.model)}@{version}"

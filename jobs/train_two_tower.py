@@ -269,17 +269,6 @@ def _write_vectors(uri: str, ids: np.ndarray, vectors: np.ndarray, id_column: st
                        f)
 
 
-def _upsert(cfg: TrainTwoTowerConfig, name: str, version: str, identity: str, ids: np.ndarray,
-            vectors: np.ndarray) -> None:
-    """Replace what readers find under ``name`` (vectors of two trainings are not comparable): a new collection,
-    then the name moves to it at once (common.vector_store.replace_vectors)."""
-    store = open_store(cfg.store_uri)
-    try:
-        replace_vectors(store, name, version, identity, ids, vectors, cfg.index)
-    finally:
-        store.close()
-
-
 def run(cfg: TrainTwoTowerConfig) -> TrainTwoTowerResult:
     """Train on ``cfg``'s events and publish a new two-tower version."""
     t0 = time.perf_counter()
@@ -310,8 +299,9 @@ def run(cfg: TrainTwoTowerConfig) -> TrainTwoTowerResult:
     _write_vectors(artifacts.path(KIND, cfg.collection, version, "user_vectors.parquet"), inter.users, user_vectors,
                    "user_id")
     items_collection, users_collection = f"{cfg.collection}_two_tower_items", f"{cfg.collection}_two_tower_users"
-    _upsert(cfg, items_collection, version, identity, inter.items, item_vectors)
-    _upsert(cfg, users_collection, version, identity, inter.users, user_vectors)
+    with open_store(cfg.store_uri) as store:  # a new collection each, then the name moves to it at once
+        replace_vectors(store, items_collection, version, identity, inter.items, item_vectors, cfg.index)
+        replace_vectors(store, users_collection, version, identity, inter.users, user_vectors, cfg.index)
     metrics = result.metrics or {}
     out = TrainTwoTowerResult(
         version=version, model_identity=identity, epochs=int(state["epoch"]),
