@@ -25,7 +25,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import fsspec
@@ -40,7 +40,8 @@ from fsspec.implementations.local import LocalFileSystem
 from common.artifacts import write_atomic
 from common.catalog import ids_as_str
 from common.errors import ConfigError, SchemaError
-from common.events import EVENTS_SCHEMA, REQUIRED_COLUMNS, load_events, validate_events
+from common.events import (EVENTS_SCHEMA, RECORDS_MAX, REQUIRED_COLUMNS, load_events, validate_events,
+                           validate_records)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class AppendResult:
     accepted: int  # valid events written
     rejected: list[dict]  # {"index": row position in the batch, "reason": str} for each invalid row
     part: str | None  # URI of the part file written (None when nothing valid)
+    events: pd.DataFrame | None = field(default=None, repr=False, compare=False)  # what the part holds, as written
 
 
 def _utc_now() -> datetime:
@@ -88,38 +90,44 @@ class EventLog:
 
     # ------------------------------------------------------------------------------------------ append
 
-    def append(self, events: pd.DataFrame | list[dict]) -> AppendResult:
-        """Validate a batch; write its valid rows as one new part and its invalid rows to quarantine, durably."""
-        frame = _as_frame(events)
-        if frame.empty:
-            return AppendResult(accepted=0, rejected=[], part=None)
+    def append(self, events: pd.DataFrame | list[dict], known_items: KnownItems = None) -> AppendResult:
+        """Validate a batch; write its valid rows as one new part and its invalid rows to quarantine, durably.
+        ``known_items`` overrides the log's own for this batch (the event sink fetches the items' vectors with it).
+
+        A small batch of plain records takes ``validate_records`` (row by row); when any of its rows is invalid,
+        or the batch is a frame, large or unusual, ``validate_events`` checks it (vectorised) and quarantines."""
+        known_items = self._known if known_items is None else known_items
         now = self._clock().astimezone(timezone.utc)
-        table = _prepared(frame, now)
-        known = self._known_ids(table)
-        checked = validate_events(table, known)
-        rejected = [{"index": int(i), "reason": str(r)}
-                    for i, r in zip(checked.quarantine[_ROW], checked.quarantine["reason"])]
-        rejected.sort(key=lambda r: r["index"])
+        checked, known = None, None
+        if isinstance(events, (list, tuple)) and 0 < len(events) <= RECORDS_MAX \
+                and all(isinstance(e, dict) and isinstance(e.get("item_id"), str) for e in events):
+            known = _resolve(known_items, sorted({e["item_id"] for e in events if e["item_id"]}))
+            checked = validate_records(events, known, default_ts=now)
+        if checked is not None:
+            rejected: list[dict] = []
+        else:
+            frame = _as_frame(events)
+            if frame.empty:
+                return AppendResult(accepted=0, rejected=[], part=None)
+            table = _prepared(frame, now)
+            if known is None:
+                known = _resolve(known_items, _item_ids(table))
+            checked = validate_events(table, known)
+            rejected = [{"index": int(i), "reason": str(r)}
+                        for i, r in zip(checked.quarantine[_ROW], checked.quarantine["reason"])]
+            rejected.sort(key=lambda r: r["index"])
         fs, base = url_to_fs(self.uri)
         day, name = now.strftime("%Y-%m-%d"), _part_name(now)
         if len(checked.quarantine):
             _write_durable(fs, _quarantine_table(checked.quarantine), f"{base}/{QUARANTINE}/date={day}/{name}")
-        part = None
+        part, valid = None, None
         if len(checked.valid):
             valid = checked.valid.assign(ts=checked.valid["ts"].dt.floor("us"))
             data = pa.Table.from_pandas(valid, schema=EVENTS_SCHEMA, preserve_index=False)
             _write_durable(fs, data.replace_schema_metadata(None), f"{base}/date={day}/{name}")
             part = f"{self.uri}/date={day}/{name}"
         log.debug("event log %s: %d accepted, %d rejected", self.uri, len(checked.valid), len(rejected))
-        return AppendResult(accepted=len(checked.valid), rejected=rejected, part=part)
-
-    def _known_ids(self, table: pa.Table) -> set[str] | None:
-        if self._known is None or "item_id" not in table.column_names:
-            return None
-        if isinstance(self._known, (set, frozenset)):
-            return set(self._known)
-        ids = sorted({i for i in ids_as_str(table["item_id"]).to_pylist() if i})
-        return set(self._known(ids)) if ids else set()
+        return AppendResult(accepted=len(checked.valid), rejected=rejected, part=part, events=valid)
 
     # ------------------------------------------------------------------------------------------ read
 
@@ -186,6 +194,19 @@ class EventLog:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def _resolve(known: KnownItems, ids: list[str]) -> set[str] | None:
+    """The known ones among ``ids`` (None: every item is known)."""
+    if known is None:
+        return None
+    if isinstance(known, (set, frozenset)):
+        return set(known)
+    return set(known(ids)) if ids else set()
+
+
+def _item_ids(table: pa.Table) -> list[str]:
+    return sorted({i for i in ids_as_str(table["item_id"]).to_pylist() if i}) if "item_id" in table.column_names else []
 
 
 def _as_frame(events: pd.DataFrame | list[dict]) -> pd.DataFrame:

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from ray import serve
 
 from common.event_log import EventLog
@@ -30,21 +29,20 @@ class EventSink:
         spec = self.store.describe(self.content)
         self.sessions = SessionStore(self.store, sessions_collection(cfg.collection), dim=spec.dim, model=spec.model,
                                      gap_seconds=cfg.session_gap_s)
-        self.log = EventLog(cfg.event_log, known_items=self._known)
-
-    def _known(self, ids: Sequence[str]) -> set[str]:
-        return {r["item_id"] for r in self.store.get(self.content, list(dict.fromkeys(ids)))}
+        self.log = EventLog(cfg.event_log)
 
     def append(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Validate + append durably, then update sessions. Returns counts, rejections and the sessions touched."""
-        result = self.log.append(rows)
+        vectors: dict[str, np.ndarray] = {}
+
+        def known(ids: Sequence[str]) -> set[str]:  # the catalogue check fetches the vectors the sessions need
+            vectors.update((r["item_id"], np.asarray(r["vector"], dtype=np.float32))
+                           for r in self.store.get(self.content, list(ids), with_vectors=True))
+            return set(vectors)
+
+        result = self.log.append(rows, known_items=known)
         sessions: dict[str, int] = {}
         if result.accepted:
-            valid = pd.read_parquet(result.part).sort_values("ts", kind="stable")  # exactly what was logged
-            vectors = {r["item_id"]: np.asarray(r["vector"], dtype=np.float32)
-                       for r in self.store.get(self.content, list(dict.fromkeys(valid["item_id"].astype(str))),
-                                               with_vectors=True)}
-            updated = self.sessions.update(valid, vectors)
+            updated = self.sessions.update(result.events.sort_values("ts", kind="stable"), vectors)  # as logged
             sessions = {u: s.n_events for u, s in updated.items()}
         return {"accepted": result.accepted, "rejected": result.rejected, "sessions": sessions}
-

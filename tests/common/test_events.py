@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from common.errors import ConfigError, SchemaError
 from common.events import (EVENTS_SCHEMA, SESSION_GAP, EventWeights, age_group, load_events, user_segments,
-                           validate_events)
+                           validate_events, validate_records)
 
 
 def _events(**cols) -> pd.DataFrame:
@@ -89,3 +90,87 @@ def test_age_groups_and_segments():
                                                                  "unknown"]
     seg = user_segments(pd.DataFrame({"user_id": [1, 2], "age": [30, np.nan], "region": ["DE", None]}))
     assert seg.to_dict() == {"1": "25-34|DE", "2": "unknown|unknown"}
+
+
+# ------------------------------------------------------------------------------- validate_records (oracle)
+
+_NOW = pd.Timestamp("2025-03-01T08:00:00.123456Z").to_pydatetime()
+_POOLS = {
+    "user_id": ["u1", "u2", " u3 ", "ü-7", "nan", "", "  ", "\u00a0", None, 5],
+    "item_id": ["a", "b", "c", "zzz", "", None],
+    "event": ["view", "VIEW ", " Purchase", "rating", "dislike", "return", "add_to_bag", "wishlist", "like", "",
+              None],
+    "ts": [None, "", "  ", "2025-01-01T10:00:00Z", "2025-01-01T10:31:00Z", "2025-01-01T10:00:00", "2025-01-01 10:00",
+           "2025-01-01", "2025-01-01T10:00:00.123456+02:00", "2025-01-01T10:00:00.1234567Z", "1700000000",
+           "not a time", "2025-13-01", "2025-01-01T25:00", "2025-01-01T12", 1700000000.0],
+    "session_id": [None, "", " ", "s1"],
+    "order_id": [None, "o1", ""],
+    "button": [None, "heart", "not_interested", ""],
+    "value": [None, 3.0, float("nan"), float("inf"), "ten", 2, True],
+}
+_VALID = {"user_id": ["u1", "u2", " u3 ", "ü-7"], "item_id": ["a", "b", "c"],
+          "event": ["view", "VIEW ", " Purchase", "rating", "return"],
+          "ts": [None, "2025-01-01T10:00:00Z", "2025-01-01T10:31:00Z", "2025-01-01T11:30:00", "2025-01-01",
+                 "2025-01-01T10:00:00.123456+02:00"],
+          "session_id": [None, "", "s1"], "order_id": [None, "o1"], "button": [None, "heart", ""],
+          "value": [None, 3.0]}
+
+
+def _batch(rng: np.random.Generator, odd: float, n: int) -> list[dict]:
+    """n records; each field from _VALID, or with probability ``odd`` from _POOLS (which holds every oddity)."""
+    rows = []
+    for _ in range(n):
+        keys = [k for k in _POOLS if k in ("user_id", "item_id", "event") or rng.random() < 0.8]
+        pools = {k: _POOLS[k] if rng.random() < odd else _VALID[k] for k in keys}
+        rows.append({k: pools[k][rng.integers(len(pools[k]))] for k in keys})
+    return rows
+
+
+def _logged(valid: pd.DataFrame) -> pa.Table:
+    """What the event log writes for these valid events."""
+    return pa.Table.from_pandas(valid.assign(ts=valid["ts"].dt.floor("us")), schema=EVENTS_SCHEMA,
+                                preserve_index=False).replace_schema_metadata(None)
+
+
+def _slow(rows: list[dict]):
+    from common.event_log import _as_frame, _prepared
+    return validate_events(_prepared(_as_frame(rows), _NOW), known_items={"a", "b", "c"})
+
+
+@pytest.mark.parametrize("odd", [0.15, 0.0], ids=["odd", "valid"])
+def test_validate_records_accepts_exactly_what_validate_events_accepts(odd):
+    rng = np.random.default_rng(7)
+    fast_taken = 0
+    for _ in range(200):
+        rows = _batch(rng, odd, int(rng.integers(1, 5)))
+        fast = validate_records(rows, known_items={"a", "b", "c"}, default_ts=_NOW)
+        slow = _slow(rows)
+        if fast is None:
+            assert odd, f"a valid plain batch missed the fast path: {rows}"
+            continue
+        fast_taken += 1
+        assert slow.quarantine.empty, f"fast path accepted rows validate_events rejects: {rows}"
+        assert _logged(fast.valid).equals(_logged(slow.valid)), rows
+    assert fast_taken >= (50 if odd else 200)  # the comparison ran
+
+
+def test_validate_records_orders_and_cuts_sessions_as_validate_events():
+    rows = [{"user_id": "u2", "item_id": "a", "event": "view", "ts": "2025-01-01T10:00:00Z"},
+            {"user_id": "u1", "item_id": "b", "event": "view", "ts": "2025-01-01T11:00:00Z"},
+            {"user_id": "u1", "item_id": "a", "event": "view", "ts": "2025-01-01T10:00:00Z"},
+            {"user_id": "u1", "item_id": "c", "event": "purchase", "ts": "2025-01-01T11:00:00Z", "order_id": "o"}]
+    fast = validate_records(rows, known_items={"a", "b", "c"})
+    assert fast.valid[["user_id", "item_id"]].values.tolist() == [["u1", "a"], ["u1", "b"], ["u1", "c"], ["u2", "a"]]
+    assert fast.valid["session_id"].tolist() == ["u1/1", "u1/2", "u1/2", "u2/3"]  # 60 min > the 30 min gap
+    assert _logged(fast.valid).equals(_logged(_slow(rows).valid))
+
+
+@pytest.mark.parametrize("rows", [
+    [{"user_id": "u1", "item_id": "a", "event": "view"}],  # no ts and no default
+    [{"user_id": "u1", "item_id": "zzz", "event": "view", "ts": "2025-01-01"}],  # unknown item
+    [{"user_id": "u1", "item_id": "a", "event": "view", "ts": "2025-01-01", "colour": "red"}],  # not a schema key
+    [{"user_id": 1, "item_id": "a", "event": "view", "ts": "2025-01-01"}],  # int id: validate_events converts
+    [],
+], ids=["no-ts", "unknown-item", "extra-key", "int-id", "empty"])
+def test_validate_records_leaves_other_batches_to_validate_events(rows):
+    assert validate_records(rows, known_items={"a"}) is None
