@@ -126,6 +126,7 @@ class VectorStore(Protocol):
     def list_collections(self) -> list[str]: ...
     def drop_collection(self, name: str) -> None: ...
     def swap(self, alias: str, collection: str) -> str | None: ...
+    def resolve(self, name: str) -> str | None: ...
     def upsert(self, name: str, rows: list[dict[str, Any]]) -> int: ...
     def delete(self, name: str, ids: list[str]) -> int: ...
     def get(self, name: str, ids: list[str], with_vectors: bool = False,
@@ -381,6 +382,14 @@ class MilvusStore:
         if previous is not None and previous != collection:
             self.drop_collection(previous)
         return previous if previous != collection else None
+
+    def resolve(self, name: str) -> str | None:
+        """The collection a read of ``name`` uses: an alias's target, a plain collection's own name; None when
+        neither exists."""
+        target = self._alias_target(name)
+        if target is not None:
+            return target
+        return name if self.has_collection(name) else None
 
     def _alias_target(self, name: str) -> str | None:
         """The collection ``name`` points at when it is an alias; None when it is not one."""

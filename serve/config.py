@@ -86,6 +86,7 @@ class ServeConfig:
     stage_access_logs: bool = False  # an access log line per request in every stage too (the ingress always logs)
     fields_ttl_s: float = 5.0  # fields (stock, price) read for rules/popular/pinned candidates are reused this long
     user_vector_ttl_s: float = 60.0  # offline user vectors (profile, learned) are reused this long; 0: no cache
+    learned_check_s: float = 5.0  # how often the retriever looks for newly trained learned vectors (serve/learned.py)
     host: str = "127.0.0.1"  # HTTP bind address
     port: int = 8000  # HTTP port
     proxy_location: str = "EveryNode"  # HTTP proxies on every node, or "HeadOnly" (several nodes on one machine)
@@ -109,7 +110,7 @@ class ServeConfig:
             raise ConfigError(f"ranker must be 'latest', 'none' or a published version (v...). Got {self.ranker!r}")
         if self.proxy_location not in ("EveryNode", "HeadOnly"):
             raise ConfigError(f"proxy_location must be EveryNode or HeadOnly. Got {self.proxy_location!r}")
-        for name in ("fields_ttl_s", "user_vector_ttl_s"):
+        for name in ("fields_ttl_s", "user_vector_ttl_s", "learned_check_s"):
             if not 0 <= getattr(self, name) <= 86_400:
                 raise ConfigError(f"{name} must be in [0, 86400] seconds. Got {getattr(self, name)!r}")
         if not 1 <= self.port <= 65535:
@@ -132,7 +133,7 @@ def config_from_mapping(values: Mapping[str, Any]) -> ServeConfig:
             values[name] = resolve_uri(values[name])
     for name, cast in (("candidates", int), ("recent_items", int), ("port", int), ("search_ef", int),
                        ("diversity", float), ("session_gap_s", float), ("store_timeout_s", float),
-                       ("fields_ttl_s", float), ("user_vector_ttl_s", float)):
+                       ("fields_ttl_s", float), ("user_vector_ttl_s", float), ("learned_check_s", float)):
         if isinstance(values.get(name), str):  # `serve run module:build_app key=value` passes strings
             try:
                 values[name] = cast(values[name])

@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from common.artifacts import ArtifactStore
 from common.catalog import read_table
-from common.errors import NotFoundError
+from common.errors import NotFoundError, StoreError, StoreUnavailableError
 from common.event_log import read_history
 from common.events import EventWeights
 from common.item_index import collection_name
@@ -31,12 +31,12 @@ from common.ttl_cache import TtlRows
 from common.user_history import UserHistory
 from common.vector_store import Hit, open_store
 from serve.config import ServeConfig
+from serve.learned import LearnedModels, LearnedVectors
 from serve.messages import Retrieval
 
 log = logging.getLogger(__name__)
 
 SHOWN_FIELDS = ("title", "category", "brand", "color", "price", "in_stock")
-LEARNED_MODELS = ("two_tower", "graphsage")  # <collection>_<model>_users / _items, written by the training jobs
 PROFILE_KIND = "fused"  # the profiles job writes <collection>_users_<kind>
 
 FRESH_READ_WARN_MS = 100.0  # a fresh session read slower than this at start-up gets a warning (see ServeConfig)
@@ -70,14 +70,15 @@ class Retriever:
         self.affinity = affinity_sums(events, self.table.fields) if events is not None else {}
         self.view_weight = EventWeights().events["view"]
         self.rules = self._load_rules()
-        self.learned = self._learned_models()
+        self.learned = LearnedModels(self.store, cfg.collection, check_s=cfg.learned_check_s)
         self.profiles = f"{cfg.collection}_users_{PROFILE_KIND}"
         self.has_profiles = self.store.has_collection(self.profiles)
         self.item_fields = TtlRows(cfg.fields_ttl_s)  # rules / popular / pinned candidates' current fields
         self.user_vectors = TtlRows(cfg.user_vector_ttl_s)  # (collection, user id) -> offline vector or None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="retriever-io")
         log.info("retriever ready: %d items, %d known users, rules=%s, learned=%s, profiles=%s", len(self.table.ids),
-                 len(self.history.seen), self.rules is not None, self.learned, self.has_profiles)
+                 len(self.history.seen), self.rules is not None, [v.model for v in self.learned.current()],
+                 self.has_profiles)
 
     # ---- start-up -------------------------------------------------------------------------------------------
     def _events(self) -> pd.DataFrame | None:
@@ -95,15 +96,10 @@ class Retriever:
             return None
         return BoughtTogether.load(artifacts.path("rules", self.cfg.collection, version))
 
-    def _learned_models(self) -> list[str]:
-        names = set(self.store.list_collections())
-        return [m for m in LEARNED_MODELS
-                if f"{self.cfg.collection}_{m}_users" in names and f"{self.cfg.collection}_{m}_items" in names]
-
     def ready(self) -> dict[str, Any]:
         items = self.store.count(self.content)  # raises StoreUnavailableError when Milvus is down
         return {"items": items, "users": len(self.history.seen), "rules": self.rules is not None,
-                "learned": self.learned, "profiles": self.has_profiles, "snapshot": self.table.version,
+                "learned": {v.model: v.version for v in self.learned.current()}, "profiles": self.has_profiles, "snapshot": self.table.version,
                 "caches": {"item_fields": self.item_fields.stats(), "user_vectors": self.user_vectors.stats()},
                 "fresh_session_read_ms": self.fresh_read_ms,  # measured at start-up (None: fresh_sessions off)
                 "stale_session_reads": self.store.stale_reads}  # fresh session reads that timed out (lagging Milvus)
@@ -162,11 +158,23 @@ class Retriever:
                 c = out[h.item_id] = Candidate(h.item_id, fields={k: h.fields.get(k) for k in SHOWN_FIELDS})
             c.add(source, float(h.score), {**reason, "score": round(float(h.score), 4)})
 
-    def _learned_items(self, model: str, vector: np.ndarray, n: int, expr: str | None, exclude: list[str],
-                       because: str | None = None) -> list[Candidate]:
-        hits = self._search(f"{self.cfg.collection}_{model}_items", vector[None, :], n, expr, exclude)[0]
-        return [_cand(h, "learned", {"source": "learned", "model": model, "score": round(h.score, 4),
-                                     **({"because": because} if because else {})}) for h in hits]
+    def _learned_items(self, learned: LearnedVectors, vector: np.ndarray, n: int, expr: str | None,
+                       exclude: list[str], because: str | None = None) -> list[Candidate]:
+        hits = self._learned_read(self._search, learned.items, vector[None, :], n, expr, exclude)
+        return [_cand(h, "learned", {"source": "learned", "model": learned.model, "score": round(h.score, 4),
+                                     **({"because": because} if because else {})}) for h in (hits or [[]])[0]]
+
+    def _learned_read(self, read, *args):
+        """``read(*args)`` on a learned model's versioned collection; None when that version is gone (a retraining
+        moved on and dropped it): the model sits out this request and its version is resolved again."""
+        try:
+            return read(*args)
+        except StoreUnavailableError:
+            raise
+        except (NotFoundError, StoreError) as e:
+            log.info("learned vectors moved on (%s); resolving their version again", e)
+            self.learned.invalidate()
+            return None
 
     def _rules(self, seeds: list[str], n: int, exclude: list[str]) -> list[Candidate]:
         if self.rules is None or not seeds:
@@ -208,10 +216,10 @@ class Retriever:
         self._hits(self._search(self.similar_space, np.asarray(rows[0]["vector"])[None, :], n, expr, [item_id])[0],
                    "item", {"source": "item", "because": item_id}, out)
         cands = list(out.values())
-        for model in self.learned:
-            found = self.store.get(f"{self.cfg.collection}_{model}_items", [item_id], with_vectors=True)
+        for learned in self.learned.current():
+            found = self._learned_read(self.store.get, learned.items, [item_id], True)
             if found:
-                cands += self._learned_items(model, np.asarray(found[0]["vector"]), n, expr, [item_id], item_id)
+                cands += self._learned_items(learned, np.asarray(found[0]["vector"]), n, expr, [item_id], item_id)
         return Retrieval("similar", self._attach(merge_candidates([cands]), fresh=set(out)))
 
     def bought_together(self, item_id: str, n: int, expr: str | None = None) -> Retrieval:
@@ -248,8 +256,8 @@ class Retriever:
         t0 = time.perf_counter()
         session_f = self._pool.submit(self.sessions.get, user_id, self.cfg.fresh_sessions)
         profile_f = self._pool.submit(self._user_vector, self.profiles, user_id) if self.has_profiles else None
-        learned_f = {m: self._pool.submit(self._user_vector, f"{self.cfg.collection}_{m}_users", user_id)
-                     for m in self.learned}
+        learned_f = {v: self._pool.submit(self._learned_read, self._user_vector, v.users, user_id)
+                     for v in self.learned.current()}
         pinned_f = self._pool.submit(self._pinned, pinned) if pinned else None
         session: Session | None = session_f.result()
         profile = profile_f.result() if profile_f is not None else None
@@ -271,7 +279,7 @@ class Retriever:
             queries.append(session.vector)
             kinds.append(("session", {"source": "session", "events": session.n_events}))
         learned_f = {m: self._pool.submit(self._learned_items, m, v, n, expr, exclude)
-                     for m, v in learned.items() if v is not None}
+                     for m, v in learned.items() if v is not None}  # m: the model's vectors of one training
         # Each seed item contributes its nearest few, so the seeds are searched for that few (a narrower beam and
         # fewer hits to decode than the user's own vectors need), beside the user's search.
         per_seed = max(n // max(len(seeds), 1), 10)

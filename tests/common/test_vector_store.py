@@ -157,7 +157,9 @@ def test_swap_moves_readers_to_a_new_collection_at_once_and_drops_the_old(store)
         store.ensure_collection(versions[v])
         store.upsert(versions[v].name, [{"item_id": f"{v}{i}", "vector": x} for i, x in enumerate(_vectors(3))])
     store.ensure_collection(CollectionSpec(alias, DIM, "before-aliases", {}, "FLAT"))  # the old plain layout
+    assert store.resolve(alias) == alias and store.resolve(f"{alias}_none") is None
     assert store.swap(alias, versions["a"].name) is None
+    assert store.resolve(alias) == versions["a"].name
     query = _vectors(3)[1]
     assert store.search(alias, query, 1)[0][0].item_id == "a1"
     assert store.describe(alias).model == "model-a" and alias in store.list_collections()
