@@ -15,7 +15,8 @@ and get use "Session" consistency, so on a Milvus server another process's lates
 time tick passes them (measured on Milvus 2.3.5: 260-500 ms with its default 200 ms tick, 15-38 ms with a 20 ms
 tick, ``common.milvus_standalone.TIME_TICK_MS``). ``get(..., fresh=True)`` reads under "Strong" consistency: it sees
 every write any process had acknowledged before the call, at the cost of waiting for that tick; when the wait
-passes ``FRESH_TIMEOUT_S`` (a lagging server) it reads without waiting instead, logs it and counts ``stale_reads``.
+passes ``FRESH_TIMEOUT_S`` (a lagging server) it reads without waiting instead, logs it and counts ``stale_reads``,
+and for ``FRESH_BACKOFF_S`` fresh reads do not wait at all (then one tries again).
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ EXACT_FILTER_ROWS = 256  # a filter matching at most this many rows is searched 
 EXACT_FALLBACK_ROWS = 16384  # ... and up to this many when graph search still came back short
 MAX_EF = 4096  # the widest HNSW beam a filtered search asks for
 FRESH_TIMEOUT_S = 1.0  # a fresh (Strong) read waits this long for the server's tick, then reads without waiting
+FRESH_BACKOFF_S = 5.0  # after a fresh read ran out of time, fresh reads read without waiting this long, then retry
 DEFAULT_EF = 64  # HNSW beam of an unfiltered search (open_store(search_ef=...): recall against latency)
 COUNT_TTL_S = 10.0  # how long a filter's match count (which picks the filtered-search strategy) is reused
 _FILTER_HINT = re.compile(r"expr|pars|field|column|token|compar|operator|syntax|unexpected|type|invalid|predicate")
@@ -237,7 +239,8 @@ class MilvusStore:
         self.endpoint = endpoint
         self._timeout = call_timeout
         self._fresh_timeout = min(FRESH_TIMEOUT_S, call_timeout)
-        self.stale_reads = 0  # fresh reads that ran out of time and were served without waiting
+        self.stale_reads = 0  # fresh reads served without waiting (ran out of time, or during the back-off)
+        self._fresh_paused_until = 0.0  # monotonic time until which fresh reads do not wait (a lagging server)
         self._connect_timeout = connect_timeout
         self._data_dir = data_dir
         self._start_timeout = start_timeout
@@ -452,15 +455,22 @@ class MilvusStore:
         self._before_read(name)
         rows, consistency = None, "Session"
         if fresh and not self.is_lite:  # Milvus Lite has no time tick: every read already sees every write
-            try:
-                rows = self._get_rows(name, wanted, fields, consistency="Strong", timeout=self._fresh_timeout)
-            except StoreUnavailableError as e:
-                # The server's time tick lags: seen for minutes after a restart, while it replays the write log.
-                # "Session" would wait as well (for this client's own last write): read what is there now.
+            if time.monotonic() < self._fresh_paused_until:  # the server lagged a moment ago: do not wait again
                 self.stale_reads += 1
                 consistency = "Eventually"
-                logger.warning("a fresh read of %s failed or took over %.1f s; reading without waiting (%d so far): "
-                               "%s", name, self._fresh_timeout, self.stale_reads, str(e).splitlines()[0][:200])
+            else:
+                try:
+                    rows = self._get_rows(name, wanted, fields, consistency="Strong", timeout=self._fresh_timeout)
+                except StoreUnavailableError as e:
+                    # The server's time tick lags: seen for minutes after a restart, while it replays the write
+                    # log. "Session" would wait as well (for this client's own last write): read what is there
+                    # now, and for FRESH_BACKOFF_S do not wait again (each wait would cost every caller a second).
+                    self.stale_reads += 1
+                    consistency = "Eventually"
+                    self._fresh_paused_until = time.monotonic() + FRESH_BACKOFF_S
+                    logger.warning("a fresh read of %s failed or took over %.1f s; reading without waiting for the "
+                                   "next %.0f s (%d stale reads so far): %s", name, self._fresh_timeout,
+                                   FRESH_BACKOFF_S, self.stale_reads, str(e).splitlines()[0][:200])
         if rows is None:
             rows = self._get_rows(name, wanted, fields, consistency=consistency)
         found = {row[PRIMARY_KEY]: row for row in rows}

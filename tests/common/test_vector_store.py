@@ -258,6 +258,16 @@ def test_a_fresh_get_that_runs_out_of_time_reads_without_waiting(store, fresh, m
         got = store.get(fresh.name, ["i2", "i0"], fresh=True)
     assert [r["item_id"] for r in got] == ["i2", "i0"]
     assert store.stale_reads == before + 1 and "reading without waiting" in caplog.text
+    # Back-off: for a while, fresh reads do not wait (or try) at all, even with time to spare; then they try again.
+    monkeypatch.setattr(store, "_fresh_timeout", 5.0)
+    strong = []
+    real = store._get_rows
+    monkeypatch.setattr(store, "_get_rows", lambda *a, **kw: strong.append(kw["consistency"]) or real(*a, **kw))
+    assert len(store.get(fresh.name, ["i1"], fresh=True)) == 1
+    assert strong == ["Eventually"] and store.stale_reads == before + 2
+    monkeypatch.setattr(store, "_fresh_paused_until", time.monotonic() - 1)  # the back-off is over
+    assert len(store.get(fresh.name, ["i1"], fresh=True)) == 1
+    assert strong == ["Eventually", "Strong"] and store.stale_reads == before + 2
 
 
 def test_delete(store, fresh):
