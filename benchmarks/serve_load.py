@@ -354,13 +354,14 @@ def noop_app(data_root: Path) -> Any:
     return NoopIngress.bind(NoopRetriever.bind(), NoopReranker.bind(), NoopFilter.bind())
 
 
-def serve_config(paths: Any, store_uri: str, collection: str, port: int, fresh_sessions: bool = True) -> Any:
+def serve_config(paths: Any, store_uri: str, collection: str, port: int, fresh_sessions: bool = True,
+                 event_shards: int = 1) -> Any:
     from serve.config import ServeConfig
 
     return ServeConfig(collection=collection, store_uri=store_uri, artifacts_uri=str(paths.artifacts),
                        events=str(paths.events), users=str(paths.users),
                        event_log=str(paths.root / f"event_log_{os.getpid()}"), port=port,
-                       fresh_sessions=fresh_sessions)
+                       fresh_sessions=fresh_sessions, event_shards=event_shards)
 
 
 def sample_payload(data_root: Path, store_uri: str, collection: str, users: list[str], n: int = 40) -> dict[str, Any]:
@@ -409,7 +410,7 @@ def sample_payload(data_root: Path, store_uri: str, collection: str, users: list
 
 
 def serve_child(system: str, port: int, store_uri: str, data_root: str, collection: str,
-                fresh_sessions: bool = True) -> int:
+                fresh_sessions: bool = True, event_shards: int = 1) -> int:
     """Serve one system on ``port`` until stdin closes; print one JSON line of facts before exiting."""
     from benchmarks.serve_load_data import DataPaths, baseline_app
 
@@ -437,7 +438,7 @@ def serve_child(system: str, port: int, store_uri: str, data_root: str, collecti
     else:
         from serve.app import build_app
 
-        app = build_app(serve_config(paths, store_uri, collection, port, fresh_sessions))
+        app = build_app(serve_config(paths, store_uri, collection, port, fresh_sessions, event_shards))
     serve.run(app, name="bench", route_prefix="/", blocking=False)
     sys.stdin.read()  # the parent closes stdin when its load is done
     facts: dict[str, Any] = {"system": system}
@@ -538,7 +539,7 @@ def run_system(system: str, args: argparse.Namespace, store_uri: str, milvus_pid
         env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     cmd = [sys.executable, "-m", "benchmarks.serve_load", "--child", system, "--port", str(port), "--store-uri",
            store_uri, "--data-root", str(args.data_root), "--collection", args.collection,
-           *(["--stale-sessions"] if args.stale_sessions else [])]
+           *(["--stale-sessions"] if args.stale_sessions else []), "--event-shards", str(args.event_shards)]
     t0 = time.perf_counter()
     stderr_path = Path(args.data_root) / f"{system}.stderr.log"  # the child's logs; its tail explains a failure
     with open(stderr_path, "w") as stderr:
@@ -715,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-timeout", type=float, default=900.0,
                    help="seconds to wait for the Milvus server to go idle (index builds) before measuring")
     p.add_argument("--out", default=str(ROOT / "var" / "bench" / "serve_load.json"))
+    p.add_argument("--event-shards", type=int, default=1, help="event sinks, each owning a share of the users "
+                                                                   "(ServeConfig.event_shards)")
     p.add_argument("--stale-sessions", action="store_true",
                    help="read live sessions without waiting for the server's tick (ServeConfig.fresh_sessions=False)")
     p.add_argument("--time-tick-ms", type=int, default=TIME_TICK_MS,
@@ -726,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.child:
         return serve_child(args.child, args.port, args.store_uri, args.data_root, args.collection,
-                           not args.stale_sessions)
+                           not args.stale_sessions, args.event_shards)
     report = run(args)
     print(_table(report))
     text = json.dumps(report, indent=2, default=str)

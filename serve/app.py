@@ -1,6 +1,6 @@
 """``build_app``: the serving graph, wired by passing deployment handles into constructors.
 
-    Ingress (HTTP) -> Retriever (-> TextEncoder) -> Reranker -> BusinessFilter;  Ingress -> EventSink
+    Ingress (HTTP) -> Retriever (-> TextEncoder) -> Reranker -> BusinessFilter;  Ingress -> EventSink (per user)
 
 ``vitrine serve`` deploys it declaratively (``serve.launch.app_config``: import path ``serve.app:build_app``, the
 config as ``args``, the business rules as the BusinessFilter's ``user_config``), as ``serve deploy`` and KubeRay's
@@ -42,7 +42,14 @@ def build_app(args: ServeConfig | Mapping[str, Any] | None = None) -> Applicatio
     reranker = Reranker.options(**cfg.reranker.options(access_log=access)).bind(cfg)
     business = BusinessFilter.options(user_config=rules, **cfg.business_filter.options(access_log=access)).bind()
     if cfg.events_sink.max_replicas > 1:
-        log.warning("events_sink.max_replicas=%d: two sink replicas updating one user's session at the same moment "
-                    "can lose one update (the event log keeps both events)", cfg.events_sink.max_replicas)
-    events = EventSink.options(**cfg.events_sink.options(access_log=access)).bind(cfg)
-    return Ingress.options(**cfg.ingress.options()).bind(cfg, retriever, reranker, business, events)
+        log.warning("events_sink.max_replicas=%d: two replicas of one sink updating one user's session at the same "
+                    "moment can lose one update (the event log keeps both events); raise event_shards instead",
+                    cfg.events_sink.max_replicas)
+    sinks = [EventSink.options(name=sink_name(i), **cfg.events_sink.options(access_log=access)).bind(cfg)
+             for i in range(cfg.event_shards)]
+    return Ingress.options(**cfg.ingress.options()).bind(cfg, retriever, reranker, business, sinks)
+
+
+def sink_name(shard: int) -> str:
+    """The deployment name of event sink ``shard`` (the first keeps the plain name)."""
+    return "EventSink" if shard == 0 else f"EventSink{shard}"

@@ -14,6 +14,7 @@ from common.item_index import check_base_name
 
 MAX_K = 100  # the most results one request may ask for
 MAX_EVENTS = 1000  # the most events one POST /events may carry
+MAX_EVENT_SHARDS = 64  # the most event sinks (ServeConfig.event_shards)
 
 
 def default_event_log() -> str:
@@ -94,9 +95,11 @@ class ServeConfig:
     retriever: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=2))
     reranker: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.2, max_replicas=2))
     business_filter: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.1, max_replicas=2))
-    # One event sink: its requests run on threads that take per-user locks, so a user's concurrent events never
-    # lose a session update; two sink replicas could (last writer wins across processes). Raise it knowingly.
+    # Each event sink is one replica: its requests run on threads that take per-user locks, so a user's concurrent
+    # events never lose a session update; two replicas of one sink could (last writer wins across processes).
+    # More sinks (event_shards) each own a share of the users: that scales out without the risk.
     events_sink: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.1, max_replicas=1))
+    event_shards: int = 1  # event sinks, each owning the users that hash to it (scale POST /events out this way)
     text_encoder: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=1))
     # At their maxima the defaults reserve 1.85 logical CPUs: the whole graph can scale out on 2 cores.
 
@@ -113,6 +116,9 @@ class ServeConfig:
         for name in ("fields_ttl_s", "user_vector_ttl_s", "learned_check_s"):
             if not 0 <= getattr(self, name) <= 86_400:
                 raise ConfigError(f"{name} must be in [0, 86400] seconds. Got {getattr(self, name)!r}")
+        if isinstance(self.event_shards, bool) or not isinstance(self.event_shards, int) \
+                or not 1 <= self.event_shards <= MAX_EVENT_SHARDS:
+            raise ConfigError(f"event_shards must be an integer in [1, {MAX_EVENT_SHARDS}]. Got {self.event_shards!r}")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"port must be in [1, 65535]. Got {self.port!r}")
 
@@ -132,6 +138,7 @@ def config_from_mapping(values: Mapping[str, Any]) -> ServeConfig:
         elif isinstance(values.get(name), str):
             values[name] = resolve_uri(values[name])
     for name, cast in (("candidates", int), ("recent_items", int), ("port", int), ("search_ef", int),
+                       ("event_shards", int),
                        ("diversity", float), ("session_gap_s", float), ("store_timeout_s", float),
                        ("fields_ttl_s", float), ("user_vector_ttl_s", float), ("learned_check_s", float)):
         if isinstance(values.get(name), str):  # `serve run module:build_app key=value` passes strings

@@ -1,10 +1,15 @@
 """EventSink deployment: POST /events lands here. Each batch is validated, appended durably to the event log
 (invalid rows quarantined with their reason) and folded into the users' live session vectors before the reply,
-so the next request of any replica sees the session move."""
+so the next request of any replica sees the session move.
+
+The sinks scale out by user (``ServeConfig.event_shards``): the ingress sends each user's events to the one sink
+that owns the user (``shard_of``), where per-user locks order them, so no two processes ever update one session at
+the same moment (each would read the session and overwrite the other's update)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,3 +51,29 @@ class EventSink:
             updated = self.sessions.update(result.events.sort_values("ts", kind="stable"), vectors)  # as logged
             sessions = {u: s.n_events for u, s in updated.items()}
         return {"accepted": result.accepted, "rejected": result.rejected, "sessions": sessions}
+
+
+def shard_of(user_id: str, shards: int) -> int:
+    """The event sink that owns ``user_id``: every event of a user goes to one sink, whose per-user locks order
+    them (two sink processes could each read a session and overwrite the other's update)."""
+    return zlib.crc32(user_id.encode()) % shards
+
+
+def split_by_user(rows: Sequence[Mapping[str, Any]], shards: int) -> list[list[int]]:
+    """Batch positions per shard (``shard_of`` each row's user), in batch order."""
+    positions: list[list[int]] = [[] for _ in range(shards)]
+    for i, row in enumerate(rows):
+        positions[shard_of(str(row.get("user_id") or ""), shards)].append(i)
+    return positions
+
+
+def merge_answers(answers: Sequence[Mapping[str, Any]], positions: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """One answer for the batch from the shards' answers (``answers[i]`` for the rows at ``positions[i]``):
+    counts added, rejections back at their batch positions, sessions together."""
+    out: dict[str, Any] = {"accepted": 0, "rejected": [], "sessions": {}}
+    for answer, where in zip(answers, positions):
+        out["accepted"] += answer["accepted"]
+        out["rejected"] += [{**r, "index": where[r["index"]]} for r in answer["rejected"]]
+        out["sessions"].update(answer["sessions"])
+    out["rejected"].sort(key=lambda r: r["index"])
+    return out

@@ -6,6 +6,7 @@ one-line message (the trace goes to the replica's log).
 """
 # No `from __future__ import annotations` here: Serve rebuilds the routes and cannot resolve string annotations.
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from common.business_rules import BusinessRules
 from common.errors import ConfigError, NotFoundError, StoreUnavailableError, VitrineError
 from common.user_history import segment_of
 from serve.config import MAX_EVENTS, MAX_K, ServeConfig
+from serve.events import merge_answers, split_by_user
 from serve.messages import Ranking
 
 log = logging.getLogger(__name__)
@@ -124,9 +126,9 @@ class Ingress:
     filters into retrieval; the filter applies its own current rules last."""
 
     def __init__(self, cfg: ServeConfig, retriever: DeploymentHandle, reranker: DeploymentHandle,
-                 business_filter: DeploymentHandle, events: DeploymentHandle) -> None:
+                 business_filter: DeploymentHandle, sinks: list[DeploymentHandle]) -> None:
         self.cfg = cfg
-        self.retriever, self.reranker, self.filter, self.events = retriever, reranker, business_filter, events
+        self.retriever, self.reranker, self.filter, self.sinks = retriever, reranker, business_filter, list(sinks)
         self._rules: BusinessRules | None = None
         self._rules_at = 0.0
 
@@ -196,9 +198,19 @@ class Ingress:
 
     @api.post("/events")
     async def post_events(self, batch: EventBatch) -> Any:
-        """Append a batch durably (acknowledged = written), then update the users' session vectors."""
+        """Append a batch durably (acknowledged = written), then update the users' session vectors. With several
+        event sinks a batch of several users is appended by each owning sink; when one fails the reply is 503 and
+        the other sinks' events stay appended (a retry of the whole batch logs those twice)."""
         t0 = time.perf_counter()
-        result = await self.events.append.remote([e.model_dump() for e in batch.events])
+        rows = [e.model_dump() for e in batch.events]
+        if len(self.sinks) == 1:
+            result = await self.sinks[0].append.remote(rows)
+        else:  # each user's events to the sink that owns the user; the sinks append at the same time
+            positions = split_by_user(rows, len(self.sinks))
+            shards = [s for s, where in enumerate(positions) if where]
+            answers = await asyncio.gather(*(self.sinks[s].append.remote([rows[i] for i in positions[s]])
+                                             for s in shards))
+            result = merge_answers(answers, [positions[s] for s in shards])
         body = {**result, "took_ms": round((time.perf_counter() - t0) * 1e3, 2)}
         if not result["accepted"]:
             return JSONResponse({"error": "no valid event in the batch", **body}, status_code=422)

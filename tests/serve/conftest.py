@@ -92,7 +92,7 @@ def service(shop):
 
     from serve.launch import deploy
 
-    cfg = serve_config(shop)
+    cfg = serve_config(shop, event_shards=2)  # every event test also checks the sinks' split by user
     deploy(cfg)
     url = f"http://127.0.0.1:{cfg.port}"
     wait_ready(url)

@@ -190,6 +190,26 @@ def test_concurrent_event_requests_each_get_their_own_answer(service):
     assert logged["user_id"].str.startswith(f"burst-{tag}-").sum() == sum(n + 1 for n in range(8))
 
 
+def test_a_batch_of_many_shoppers_is_answered_as_one(service):
+    """A batch whose shoppers belong to different event sinks: one answer, rejections at their batch positions."""
+    from serve.events import shard_of
+
+    df = items(service)
+    tag = uuid.uuid4().hex[:8]
+    users = [f"mix-{tag}-{n}" for n in range(6)]
+    assert len({shard_of(u, service["cfg"].event_shards) for u in users}) > 1  # the batch spans the sinks
+    batch = []
+    for n, user in enumerate(users):
+        batch += [{"user_id": user, "item_id": df["item_id"].iloc[n + j], "event": "view"} for j in range(n + 1)]
+        batch.append({"user_id": user, "item_id": "nope", "event": "view"})  # rejected, at this position
+    r = post_events(service, batch)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["accepted"] == sum(n + 1 for n in range(6))
+    assert [x["index"] for x in body["rejected"]] == [i for i, e in enumerate(batch) if e["item_id"] == "nope"]
+    assert body["sessions"] == {user: n + 1 for n, user in enumerate(users)}
+
+
 def test_one_shoppers_concurrent_events_all_reach_the_session(service):
     """Six requests of one user at once: each is folded onto the one before (none reads a session another
     overwrites), so their answers count 1..6 and the session ends with all six."""

@@ -10,6 +10,8 @@ import requests
 
 from common import milvus_local
 from common.event_log import EventLog
+from serve.app import sink_name
+from serve.events import shard_of
 
 
 def _until(fn, timeout: float = 90.0, every: float = 0.5):
@@ -64,14 +66,15 @@ def test_a_killed_replica_is_replaced_and_no_acknowledged_event_is_lost(service)
 
     for i in range(5):
         send(i)
-    [victim] = _replica_actors("EventSink")
+    [victim] = _replica_actors(sink_name(shard_of(user, service["cfg"].event_shards)))  # the user's sink
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     i = 5
     while len(acked) < 15:  # keep sending through the replacement
         send(i)
         i += 1
         assert i < 400, f"the service did not recover: {statuses[-5:]}"
-    replaced = _until(lambda: [a for a in _replica_actors("EventSink") if a != victim])
+    replaced = _until(lambda: [a for a in _replica_actors(sink_name(shard_of(user, service["cfg"].event_shards)))
+                               if a != victim])
     assert replaced
     logged = EventLog(service["cfg"].event_log).read()
     assert set(acked) <= set(logged[logged["user_id"] == user]["session_id"])
