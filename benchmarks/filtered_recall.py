@@ -8,7 +8,9 @@ selectivity it searches the same queries (a) through ``MilvusStore.search`` (cou
 small sets, ef widened by the inverse selectivity, exact fallback when short; what the service uses) and (b) as
 plain HNSW filtered search, each at the base beams ``--ef``, and scores both against numpy brute force over the
 matching rows (``100`` is the unfiltered search). The vectors are synthetic: 64 clusters with isotropic noise
-(``--spread``), harder for a graph index than real embeddings, so the figures are a floor.
+(``--spread``), harder for a graph index than real embeddings, so the figures are a floor; or, with
+``--data fashion-mnist``, real ones: the default encoder's ``visual`` vectors (what ``/items/{id}/similar``
+searches) of the 60,000 Fashion-MNIST *train* photos, queried with *test* photos (encoded once, then cached).
 """
 from __future__ import annotations
 
@@ -63,10 +65,48 @@ def _timed(fn) -> tuple[Any, list[float]]:
     return out, times
 
 
+def fashion_mnist_vectors(cache: Path, queries: int, batch: int = 64) -> tuple[np.ndarray, np.ndarray, str]:
+    """The default encoder's ``visual`` vectors of Fashion-MNIST's train photos and of the first ``queries`` test
+    photos, and the encoder's identity; cached under ``cache`` (the train set takes minutes to encode)."""
+    from PIL import Image
+
+    from common import fashion_mnist
+    from common.encoder import EncoderConfig, ItemEncoder
+
+    encoder = None
+    out = []
+    for split, n in (("train", None), ("test", queries)):
+        path = cache / f"fashion_mnist_{split}_visual.npy"
+        if not path.exists() or (n is not None and len(np.load(path, mmap_mode="r")) < n):
+            images, _ = fashion_mnist.load(split)
+            images = images[:n] if n is not None else images
+            if encoder is None:
+                encoder = ItemEncoder(EncoderConfig())
+            t = time.perf_counter()
+            parts = [encoder.encode_images(np.stack([encoder.prepare_image(Image.fromarray(im))
+                                                     for im in images[i:i + batch]]))["visual"]
+                     for i in range(0, len(images), batch)]
+            logger.info("encoded %d %s photos in %.0f s", len(images), split, time.perf_counter() - t)
+            cache.mkdir(parents=True, exist_ok=True)
+            np.save(path, np.concatenate(parts).astype(np.float32))
+        vectors = np.load(path)
+        out.append(vectors[:n] if n is not None else vectors)
+    identity = encoder.identity if encoder is not None else (cache / "encoder.txt").read_text().strip()
+    (cache / "encoder.txt").write_text(identity)
+    return out[0], out[1], identity
+
+
 def run(store: MilvusStore, items: int, dim: int, queries: int, k: int, percents: list[int], seed: int,
-        index: str, efs: list[int] = (64,), spread: float = 0.6, settle_s: float = 20.0) -> dict[str, Any]:
+        index: str, efs: list[int] = (64,), spread: float = 0.6, settle_s: float = 20.0,
+        data: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """``data``: (item vectors, query vectors) to use instead of synthetic ones (unit-normalised here)."""
+    if data is not None:
+        vectors, qs = (np.asarray(x, np.float32) / np.linalg.norm(x, axis=1, keepdims=True) for x in data)
+        items, dim = vectors.shape
+    else:
+        vectors = clustered(items, dim, 64, seed, spread)
+        qs = clustered(queries, dim, 64, seed + 1, spread)
     name = f"filtered_recall_{items}_{dim}"
-    vectors = clustered(items, dim, 64, seed, spread)
     store.drop_collection(name)
     store.ensure_collection(CollectionSpec(name, dim, "synthetic", {"bucket": "int"}, index))
     t = time.perf_counter()
@@ -79,7 +119,6 @@ def run(store: MilvusStore, items: int, dim: int, queries: int, k: int, percents
     store._client.release_collection(name)  # serve the built index (until reloaded, some searches did not)
     store._client.load_collection(name)
     time.sleep(settle_s)
-    qs = clustered(queries, dim, 64, seed + 1, spread)
     buckets = np.arange(items) % 100
     spec = store.describe(name)
     results = []
@@ -122,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ef", type=int, nargs="+", default=[64], help="plain HNSW beams to compare")
     parser.add_argument("--spread", type=float, default=0.6, help="noise around the cluster centres")
+    parser.add_argument("--data", choices=["synthetic", "fashion-mnist"], default="synthetic",
+                        help="fashion-mnist: the encoder's visual vectors of its 60,000 train photos (not --items)")
+    parser.add_argument("--cache", default="var/bench/filtered_recall", help="where encoded vectors are kept")
     parser.add_argument("--out", help="write the JSON report here (default: stdout)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -129,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         server = None if args.uri else milvus_standalone.start_standalone(Path(tmp) / "standalone")
         store = open_store(args.uri or server.uri)
         try:
+            data, model = None, "synthetic"
+            if args.data == "fashion-mnist":
+                *data, model = fashion_mnist_vectors(Path(args.cache), args.queries)
             report = run(store, args.items, args.dim, args.queries, args.k, args.percents, args.seed, args.index, args.ef,
-                         args.spread)
+                         args.spread, data=data)
+            report["data"] = {"kind": args.data, "model": model}
         finally:
             store.close()
             if server is not None:

@@ -137,6 +137,8 @@ class VectorStore(Protocol):
     def count(self, name: str) -> int: ...
     def search(self, name: str, vectors: np.ndarray, k: int, filter: str | None = None,
                exclude_ids: Sequence[str] = ()) -> list[list[Hit]]: ...
+    def search_where(self, name: str, vectors: np.ndarray, k: int, filter: str | None, on: str,
+                     exclude_ids: Sequence[str] = ()) -> list[list[Hit]]: ...
     def flush(self, name: str) -> None: ...
     def close(self) -> None: ...
 
@@ -559,6 +561,39 @@ class MilvusStore:
                            name, len(short), matches)
         return results
 
+    def search_where(self, name: str, vectors: np.ndarray, k: int, filter: str | None, on: str,
+                     exclude_ids: Sequence[str] = ()) -> list[list[Hit]]:
+        """Top-``k`` of ``name`` among the ids whose row in the collection ``on`` passes ``filter``: for vectors
+        kept apart from the catalogue's fields (a learned model's item vectors), filtered by the catalogue as it is
+        now. A few matching rows (at most EXACT_FILTER_ROWS) are searched by id; otherwise ``name`` is searched for
+        twice ``k`` over the filter's share of ``on`` (at most MAX_TOP_K) and the hits are checked against ``on``
+        in one query, so a query may come back with fewer than ``k`` hits."""
+        if not (filter or "").strip():
+            return self.search(name, vectors, k, None, exclude_ids)
+        self._before_read(on)
+        matches = self._cached_count(on, filter)
+        if matches == 0:
+            return [[] for _ in range(len(np.atleast_2d(vectors)))]
+        if matches <= EXACT_FILTER_ROWS:
+            ids = [str(r[PRIMARY_KEY]) for r in self._call("search", on, "query", on, filter=filter,
+                                                            output_fields=[PRIMARY_KEY], user_filter=filter,
+                                                            sent_filter=filter)]
+            return self.search(name, vectors, k, _id_filter(ids), exclude_ids)
+        total = max(matches, self._cached_count(on, ""))
+        results = self.search(name, vectors, min(MAX_TOP_K, -(-2 * k * total // matches)), None, exclude_ids)
+        admitted = self._admitted(on, list(dict.fromkeys(h.item_id for hits in results for h in hits)), filter)
+        return [[h for h in hits if h.item_id in admitted][:k] for hits in results]
+
+    def _admitted(self, name: str, ids: list[str], filter: str, chunk: int = 1000) -> set[str]:
+        """The ids among ``ids`` whose row in ``name`` passes ``filter``."""
+        out: set[str] = set()
+        for start in range(0, len(ids), chunk):
+            expr = f"({filter}) and {_id_filter(ids[start:start + chunk])}"
+            out.update(str(r[PRIMARY_KEY]) for r in self._call("search", name, "query", name, filter=expr,
+                                                                output_fields=[PRIMARY_KEY], user_filter=filter,
+                                                                sent_filter=expr))
+        return out
+
     def _ann(self, name: str, spec: CollectionSpec, queries: np.ndarray, k: int, expr: str,
              user_filter: str | None, ef: int) -> list[list[Hit]]:
         params: dict[str, Any] = {"metric_type": "IP", "params": search_params(spec.index, k, ef)}
@@ -744,6 +779,11 @@ class MilvusStore:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def _id_filter(ids: Sequence[str]) -> str:
+    """``item_id in [...]`` (JSON-quoted ids)."""
+    return f"{PRIMARY_KEY} in [{', '.join(json.dumps(i, ensure_ascii=False) for i in ids)}]"
 
 
 class _NotLoaded(StoreError):

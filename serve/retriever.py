@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from common.artifacts import ArtifactStore
 from common.catalog import read_table
-from common.errors import NotFoundError, StoreError, StoreUnavailableError
+from common.errors import NotFoundError
 from common.event_log import read_history
 from common.events import EventWeights
 from common.item_index import collection_name
@@ -160,7 +160,9 @@ class Retriever:
 
     def _learned_items(self, learned: LearnedVectors, vector: np.ndarray, n: int, expr: str | None,
                        exclude: list[str], because: str | None = None) -> list[Candidate]:
-        hits = self._learned_read(self._search, learned.items, vector[None, :], n, expr, exclude)
+        # The filter is the catalogue's (stock, price, category): learned vectors are filtered by it as it is now.
+        hits = self._learned_read(self.store.search_where, learned.items, vector[None, :], n, expr, self.content,
+                                  exclude)
         return [_cand(h, "learned", {"source": "learned", "model": learned.model, "score": round(h.score, 4),
                                      **({"because": because} if because else {})}) for h in (hits or [[]])[0]]
 
@@ -169,9 +171,7 @@ class Retriever:
         moved on and dropped it): the model sits out this request and its version is resolved again."""
         try:
             return read(*args)
-        except StoreUnavailableError:
-            raise
-        except (NotFoundError, StoreError) as e:
+        except NotFoundError as e:
             log.info("learned vectors moved on (%s); resolving their version again", e)
             self.learned.invalidate()
             return None

@@ -348,6 +348,25 @@ def test_filtered_search_equals_filtered_brute_force(store, catalog, expr):
         assert [h.item_id for h in hits] == _brute_force(vectors, rows, q, 10, keep)
 
 
+@pytest.mark.parametrize("expr", [*FILTERS, None])
+def test_search_where_filters_other_vectors_by_the_catalogue(store, catalog, expr):
+    """Vectors without the catalogue's fields (a learned model's) searched among the ids the catalogue admits."""
+    name, _, rows = catalog
+    learned = CollectionSpec(f"t{next(_names)}", 16, "learned", {}, "FLAT")
+    store.ensure_collection(learned)
+    try:
+        vectors = _vectors(len(rows), dim=16, seed=21)
+        store.upsert(learned.name, [{"item_id": r["item_id"], "vector": v} for r, v in zip(rows, vectors)])
+        keep = FILTERS.get(expr, lambda r: True)
+        queries = _vectors(4, dim=16, seed=22)
+        found = store.search_where(learned.name, queries, 10, expr, on=name, exclude_ids=["i3"])
+        for q, hits in zip(queries, found):
+            truth = _brute_force(vectors, rows, q, 10, lambda r: keep(r) and r["item_id"] != "i3")
+            assert [h.item_id for h in hits] == truth
+    finally:
+        store.drop_collection(learned.name)
+
+
 @pytest.mark.parametrize("expr", ['category === "Bag"', "colour == 1", 'price < "x"', "price <"])
 def test_bad_filter_raises_filter_error(store, catalog, expr):
     with pytest.raises(FilterError) as caught:

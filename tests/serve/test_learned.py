@@ -90,3 +90,17 @@ def test_learned_models_check_at_most_every_check_s(shop, learned_store):
     assert models.current() == []  # not looked again yet
     clock[0] = 5.0
     assert [(v.model, v.version) for v in models.current()] == [("two_tower", "v1")]
+
+
+def test_learned_candidates_obey_the_pushed_down_filter(shop, learned_store):
+    """The default rules push `in_stock == true` into retrieval; learned item vectors hold no such field."""
+    from serve.retriever import Retriever
+
+    items = shop["items"]["item_id"].astype(str).tolist()
+    vectors = np.random.default_rng(1).standard_normal((len(items), 16)).astype(np.float32)
+    _publish(learned_store, ITEMS, "v1", items, vectors)
+    _publish(learned_store, USERS, "v1", ["u-filter"], vectors[[0]])
+    retriever = Retriever.func_or_class(serve_config(shop))
+    found = retriever.for_user("u-filter", 20, "in_stock == true")
+    learned = [c for c in found.candidates if any(r["source"] == "learned" for r in c.reasons)]
+    assert learned and all(c.fields["in_stock"] for c in learned)
