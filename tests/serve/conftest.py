@@ -1,5 +1,6 @@
-"""One serving graph for the serve tests: a tiny catalogue embedded, rules, profiles and a ranker trained on its
-synthetic shoppers, and the whole Ray Serve graph on the session's local Ray, over HTTP on a free port.
+"""One serving graph for the serve tests: a tiny catalogue embedded, rules, profiles, a two-tower model (2 epochs)
+and a ranker trained on its synthetic shoppers, and the whole Ray Serve graph on the session's local Ray, over
+HTTP on a free port.
 
 The store is a Milvus Lite server on a fixed loopback port, named by its ``http://`` URI, so a test can stop the
 vector store under the running service and start it again on the same address.
@@ -16,6 +17,7 @@ import requests
 from common import milvus_local
 from common.encoder import EncoderConfig
 from common.rules import RulesConfig
+from common.two_tower import TwoTowerConfig
 from common.synthetic_events import generate_events
 from jobs.build_profiles import ProfilesConfig
 from jobs.build_profiles import run as build_profiles
@@ -25,6 +27,8 @@ from jobs.mine_rules import MineRulesConfig
 from jobs.mine_rules import run as mine_rules
 from jobs.train_ranker import TrainRankerConfig
 from jobs.train_ranker import run as train_ranker
+from jobs.train_two_tower import TrainTwoTowerConfig
+from jobs.train_two_tower import run as train_two_tower
 from tests.jobs.test_embed_catalog import tiny_catalog
 
 BASE = "shop"
@@ -55,6 +59,8 @@ def shop(tmp_path_factory, ray_local):
                                rules=RulesConfig(min_support=0.003, min_confidence=0.05)))
     build_profiles(ProfilesConfig(events=str(tmp / "events.parquet"), collection=BASE, store_uri=store,
                                   artifacts_uri=artifacts))
+    train_two_tower(TrainTwoTowerConfig(events=str(tmp / "events.parquet"), collection=BASE, store_uri=store,
+                                        artifacts_uri=artifacts, model=TwoTowerConfig(epochs=2), workers=1))
     train_ranker(TrainRankerConfig(events=str(tmp / "events.parquet"), collection=BASE, artifacts_uri=artifacts))
     yield {"tmp": tmp, "items": items, "events": events, "users": users, "store": store, "data_dir": data_dir,
            "port": port, "artifacts": artifacts}

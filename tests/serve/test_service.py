@@ -66,6 +66,27 @@ def test_similar_items_filters_hold(service):
     assert all(r["category"] == category and r["price"] <= df["price"].median() for r in body["items"])
 
 
+def test_learned_candidates_reach_the_answers_and_obey_the_filters(service):
+    """The shop's two-tower model: its candidates carry their model and score, and the catalogue's filters (the
+    default in-stock rule, a category, a price bound) hold for them although its vectors hold no such fields."""
+    assert ok(service, "/readyz")["retriever"]["learned"].get("two_tower")
+    df = items(service)
+    stock, price = dict(zip(df["item_id"], df["in_stock"])), dict(zip(df["item_id"], df["price"]))
+    users = service["shop"]["events"]["user_id"].value_counts().index[:5]
+    learned = []
+    for user in users:
+        for r in ok(service, f"/users/{user}/recommendations", k=10)["items"]:
+            assert stock[r["item_id"]]
+            learned += [x for x in r["reasons"] if x["source"] == "learned"]
+    assert learned and all(x["model"] == "two_tower" and isinstance(x["score"], float) for x in learned)
+    category = sorted(df["category"].unique())[2]
+    kept = df[(df["category"] == category) & df["in_stock"]].sort_values("price")
+    item, cap = kept["item_id"].iloc[0], float(kept["price"].iloc[-2])  # the cap drops the dearest of them
+    body = ok(service, f"/items/{item}/similar", k=8, category=category, price_max=cap)  # its learned search is
+    assert body["items"] and all(r["category"] == category and price[r["item_id"]] <= cap and stock[r["item_id"]]
+                                 for r in body["items"])
+
+
 def test_bought_together_gives_rules_with_their_lift(service):
     rules = ok(service, "/readyz")["retriever"]["rules"]
     assert rules
@@ -95,7 +116,8 @@ def test_known_user_gets_personal_recommendations_without_seen_items(service):
 
 
 def test_explanations_are_true(service):
-    """A similar item's reason holds the cosine to the seed item; a rule's reason holds the mined rule's lift."""
+    """A similar item's reason holds the cosine to the seed item (in the visual space, or the two-tower's for a
+    learned neighbour); a rule's reason holds the mined rule's lift."""
     import numpy as np
 
     from common.rules import BoughtTogether
@@ -106,10 +128,15 @@ def test_explanations_are_true(service):
     item = items(service)["item_id"].iloc[0]
     body = ok(service, f"/items/{item}/similar", k=5)
     ids = [item] + [r["item_id"] for r in body["items"]]
-    vectors = {r["item_id"]: np.asarray(r["vector"]) for r in store.get(f"{BASE}_visual", ids, with_vectors=True)}
+    spaces = {source: {r["item_id"]: np.asarray(r["vector"]) for r in store.get(name, ids, with_vectors=True)}
+              for source, name in (("item", f"{BASE}_visual"), ("learned", f"{BASE}_two_tower_items"))}
+    checked_neighbours = 0
     for r in body["items"]:
-        reason = next(x for x in r["reasons"] if x["source"] == "item")
-        assert reason["score"] == pytest.approx(float(vectors[item] @ vectors[r["item_id"]]), abs=2e-3)
+        for reason in (x for x in r["reasons"] if x["source"] in spaces):
+            vectors = spaces[reason["source"]]
+            assert reason["score"] == pytest.approx(float(vectors[item] @ vectors[r["item_id"]]), abs=2e-3)
+            checked_neighbours += 1
+    assert checked_neighbours >= len(body["items"])
     artifacts = service["shop"]["artifacts"]
     with open(f"{artifacts}/rules/{BASE}/LATEST") as f:
         rules = BoughtTogether.load(f"{artifacts}/rules/{BASE}/{f.read().strip()}").rules
