@@ -77,3 +77,14 @@ def merge_answers(answers: Sequence[Mapping[str, Any]], positions: Sequence[Sequ
         out["sessions"].update(answer["sessions"])
     out["rejected"].sort(key=lambda r: r["index"])
     return out
+
+
+def partial_answer(answers: Sequence[Mapping[str, Any] | BaseException],
+                   positions: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """The answer for a batch some of whose sinks failed (``answers[i]`` an exception): what the others appended,
+    as ``merge_answers``, plus ``not_appended``, the batch positions to send again (nothing else needs resending)."""
+    done = [(a, where) for a, where in zip(answers, positions) if not isinstance(a, BaseException)]
+    out = merge_answers([a for a, _ in done], [where for _, where in done])
+    out["not_appended"] = sorted(i for a, where in zip(answers, positions) if isinstance(a, BaseException)
+                                 for i in where)
+    return out

@@ -7,6 +7,7 @@ one-line message (the trace goes to the replica's log).
 # No `from __future__ import annotations` here: Serve rebuilds the routes and cannot resolve string annotations.
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from common.business_rules import BusinessRules
 from common.errors import ConfigError, NotFoundError, StoreUnavailableError, VitrineError
 from common.user_history import segment_of
 from serve.config import MAX_EVENTS, MAX_K, ServeConfig
-from serve.events import merge_answers, split_by_user
+from serve.events import merge_answers, partial_answer, split_by_user
 from serve.messages import Ranking
 
 log = logging.getLogger(__name__)
@@ -199,8 +200,9 @@ class Ingress:
     @api.post("/events")
     async def post_events(self, batch: EventBatch) -> Any:
         """Append a batch durably (acknowledged = written), then update the users' session vectors. With several
-        event sinks a batch of several users is appended by each owning sink; when one fails the reply is 503 and
-        the other sinks' events stay appended (a retry of the whole batch logs those twice)."""
+        event sinks a batch of several users is appended by each owning sink; when some fail, the reply has the
+        failure's status (503 for a restarting sink) and says what the others appended and which batch positions
+        to send again (``not_appended``): resending the whole batch would log the appended ones twice."""
         t0 = time.perf_counter()
         rows = [e.model_dump() for e in batch.events]
         if len(self.sinks) == 1:
@@ -209,7 +211,17 @@ class Ingress:
             positions = split_by_user(rows, len(self.sinks))
             shards = [s for s, where in enumerate(positions) if where]
             answers = await asyncio.gather(*(self.sinks[s].append.remote([rows[i] for i in positions[s]])
-                                             for s in shards))
+                                             for s in shards), return_exceptions=True)
+            failures = [a for a in answers if isinstance(a, BaseException)]
+            if failures:
+                if len(failures) == len(answers):
+                    raise failures[0]
+                failed = error_response(failures[0])
+                log.warning("POST /events: %d of %d sinks failed; the others' events are appended", len(failures),
+                            len(answers))
+                partial = partial_answer(answers, [positions[s] for s in shards])
+                return JSONResponse({**json.loads(failed.body), **partial}, status_code=failed.status_code,
+                                    headers={k: v for k, v in failed.headers.items() if k.lower() == "retry-after"})
             result = merge_answers(answers, [positions[s] for s in shards])
         body = {**result, "took_ms": round((time.perf_counter() - t0) * 1e3, 2)}
         if not result["accepted"]:

@@ -6,7 +6,7 @@ import pytest
 from common.errors import ConfigError
 from serve.app import sink_name
 from serve.config import ServeConfig
-from serve.events import merge_answers, shard_of, split_by_user
+from serve.events import merge_answers, partial_answer, shard_of, split_by_user
 
 
 def test_a_users_events_all_go_to_one_shard_and_users_spread():
@@ -38,3 +38,56 @@ def test_event_shards_config():
         with pytest.raises(ConfigError, match="event_shards"):
             ServeConfig(event_shards=bad)
     assert [sink_name(i) for i in range(3)] == ["EventSink", "EventSink1", "EventSink2"]
+
+
+def test_a_partial_failure_says_what_was_appended_and_what_to_send_again():
+    positions = [[0, 3], [1, 2, 4], [5]]
+    answers = [{"accepted": 2, "rejected": [], "sessions": {"a": 2}}, RuntimeError("sink restarting"),
+               {"accepted": 0, "rejected": [{"index": 0, "reason": "unknown item 'x'"}], "sessions": {}}]
+    assert partial_answer(answers, positions) == {
+        "accepted": 2, "rejected": [{"index": 5, "reason": "unknown item 'x'"}], "sessions": {"a": 2},
+        "not_appended": [1, 2, 4]}
+
+
+class _FakeSink:
+    """A sink's handle in-process (the real sinks run in tests/serve/test_service.py): appends or fails."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail, self.append = fail, self
+
+    def remote(self, rows):
+        async def answer():
+            if self.fail:
+                from ray.exceptions import RayActorError
+                raise RayActorError()
+            return {"accepted": len(rows), "rejected": [], "sessions": {r["user_id"]: 1 for r in rows}}
+        return answer()
+
+
+def _ingress(sinks):
+    from serve.ingress import Ingress
+
+    # The class as written (Serve's @serve.ingress wraps it in an ASGI class that needs a running Serve).
+    cls = [c for c in Ingress.func_or_class.__mro__ if c.__module__ == "serve.ingress" and c.__name__ == "Ingress"][-1]
+    ingress = object.__new__(cls)
+    cls.__init__(ingress, ServeConfig(event_shards=len(sinks)), None, None, None, sinks)
+    return ingress
+
+
+def test_the_ingress_answers_a_partial_failure_with_what_to_send_again():
+    import asyncio
+    import json
+
+    from serve.ingress import EventBatch
+
+    users = [f"u{i}" for i in range(8)]
+    batch = EventBatch(events=[{"user_id": u, "item_id": "i", "event": "view"} for u in users])
+    failing = [i for i, u in enumerate(users) if shard_of(u, 2) == 1]
+    assert 0 < len(failing) < len(users)
+    answer = asyncio.run(_ingress([_FakeSink(False), _FakeSink(True)]).post_events(batch))
+    body = json.loads(answer.body)
+    assert answer.status_code == 503 and answer.headers["retry-after"]
+    assert body["not_appended"] == failing and body["accepted"] == len(users) - len(failing)
+    assert body["error"]  # the one-line message of the failure
+    with pytest.raises(Exception, match="RayActorError|actor"):  # all failed: the usual error mapping answers
+        asyncio.run(_ingress([_FakeSink(True), _FakeSink(True)]).post_events(batch))
