@@ -146,9 +146,14 @@ def combine_filter(expr: str | None, exclude_ids: list[str]) -> str:
         return expr  # as written, so Milvus' column numbers in errors match the caller's expression
     parts = [f"({expr})"] if expr else []
     if exclude_ids:
-        quoted = ", ".join(json.dumps(i, ensure_ascii=False) for i in dict.fromkeys(exclude_ids))
-        parts.append(f"({PRIMARY_KEY} not in [{quoted}])")
+        parts.append(f"({ids_filter(list(dict.fromkeys(exclude_ids)), negate=True)})")
     return " and ".join(parts)
+
+
+def ids_filter(ids: list[str], negate: bool = False) -> str:
+    """``item_id in [...]`` (``not in`` when ``negate``), the ids JSON-quoted."""
+    quoted = ", ".join(json.dumps(i, ensure_ascii=False) for i in ids)
+    return f"{PRIMARY_KEY} {'not in' if negate else 'in'} [{quoted}]"
 
 
 def search_params(index: str, k: int, ef: int) -> dict[str, int]:

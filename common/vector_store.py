@@ -50,6 +50,7 @@ from common.store_schema import (
     check_ids,
     combine_filter,
     fields_from_schema,
+    ids_filter,
     normalised,
     parse_store_uri,
     prepare_row,
@@ -578,7 +579,7 @@ class MilvusStore:
             ids = [str(r[PRIMARY_KEY]) for r in self._call("search", on, "query", on, filter=filter,
                                                             output_fields=[PRIMARY_KEY], user_filter=filter,
                                                             sent_filter=filter)]
-            return self.search(name, vectors, k, _id_filter(ids), exclude_ids)
+            return self.search(name, vectors, k, ids_filter(ids), exclude_ids)
         total = max(matches, self._cached_count(on, ""))
         results = self.search(name, vectors, min(MAX_TOP_K, -(-2 * k * total // matches)), None, exclude_ids)
         admitted = self._admitted(on, list(dict.fromkeys(h.item_id for hits in results for h in hits)), filter)
@@ -588,7 +589,7 @@ class MilvusStore:
         """The ids among ``ids`` whose row in ``name`` passes ``filter``."""
         out: set[str] = set()
         for start in range(0, len(ids), chunk):
-            expr = f"({filter}) and {_id_filter(ids[start:start + chunk])}"
+            expr = f"({filter}) and {ids_filter(ids[start:start + chunk])}"
             out.update(str(r[PRIMARY_KEY]) for r in self._call("search", name, "query", name, filter=expr,
                                                                 output_fields=[PRIMARY_KEY], user_filter=filter,
                                                                 sent_filter=expr))
@@ -779,11 +780,6 @@ class MilvusStore:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _id_filter(ids: Sequence[str]) -> str:
-    """``item_id in [...]`` (JSON-quoted ids)."""
-    return f"{PRIMARY_KEY} in [{', '.join(json.dumps(i, ensure_ascii=False) for i in ids)}]"
 
 
 class _NotLoaded(StoreError):
