@@ -179,6 +179,7 @@ def validate_events(frame: pd.DataFrame | pa.Table, known_items: set[str] | None
 RECORDS_MAX = 256
 _ISO = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)?(?:Z|[+-]\d{2}:\d{2})?")
 _OPTIONAL_TEXT = ("session_id", "order_id", "button")
+_FIELDS = frozenset(EVENTS_SCHEMA.names)
 
 
 def validate_records(records: Sequence[Mapping[str, Any]], known_items: set[str] | None = None,
@@ -229,9 +230,6 @@ def validate_records(records: Sequence[Mapping[str, Any]], known_items: set[str]
         "value": pa.array(columns[8], pa.float64()),
     }, schema=EVENTS_SCHEMA)
     return EventsValidation(valid=valid.to_pandas(), quarantine=pd.DataFrame({"reason": pd.Series([], dtype=str)}))
-
-
-_FIELDS = frozenset(EVENTS_SCHEMA.names)
 
 
 def _iso_time(value: Any, default: datetime | None) -> pd.Timestamp | None:

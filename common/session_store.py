@@ -25,7 +25,8 @@ has no vector yet, the old row is deleted, so ``get`` never serves an ended sess
 Writes are read-modify-write per batch (one fresh ``get``, which sees every update acknowledged before it, and one
 ``upsert``). Within one process, batches touching the same user take that user's lock (striped locks held over
 the read and the write), so concurrent requests never lose an update; two *processes* updating the same user at
-the same moment may still lose one (last writer wins), which is why the serving graph runs one event sink.
+the same moment may still lose one (last writer wins), which is why the serving graph sends each user's events
+to one event sink (serve/events.py, ``shard_of``), a single replica.
 """
 from __future__ import annotations
 

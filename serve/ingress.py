@@ -210,8 +210,9 @@ class Ingress:
         else:  # each user's events to the sink that owns the user; the sinks append at the same time
             positions = split_by_user(rows, len(self.sinks))
             shards = [s for s, where in enumerate(positions) if where]
-            answers = await asyncio.gather(*(self.sinks[s].append.remote([rows[i] for i in positions[s]])
-                                             for s in shards), return_exceptions=True)
+            parts = [positions[s] for s in shards]
+            answers = await asyncio.gather(*(self.sinks[s].append.remote([rows[i] for i in where])
+                                             for s, where in zip(shards, parts)), return_exceptions=True)
             failures = [a for a in answers if isinstance(a, BaseException)]
             if failures:
                 if len(failures) == len(answers):
@@ -219,10 +220,10 @@ class Ingress:
                 failed = error_response(failures[0])
                 log.warning("POST /events: %d of %d sinks failed; the others' events are appended", len(failures),
                             len(answers))
-                partial = partial_answer(answers, [positions[s] for s in shards])
+                partial = partial_answer(answers, parts)
                 return JSONResponse({**json.loads(failed.body), **partial}, status_code=failed.status_code,
                                     headers={k: v for k, v in failed.headers.items() if k.lower() == "retry-after"})
-            result = merge_answers(answers, [positions[s] for s in shards])
+            result = merge_answers(answers, parts)
         body = {**result, "took_ms": round((time.perf_counter() - t0) * 1e3, 2)}
         if not result["accepted"]:
             return JSONResponse({"error": "no valid event in the batch", **body}, status_code=422)

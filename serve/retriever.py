@@ -99,7 +99,8 @@ class Retriever:
     def ready(self) -> dict[str, Any]:
         items = self.store.count(self.content)  # raises StoreUnavailableError when Milvus is down
         return {"items": items, "users": len(self.history.seen), "rules": self.rules is not None,
-                "learned": {v.model: v.version for v in self.learned.current()}, "profiles": self.has_profiles, "snapshot": self.table.version,
+                "learned": {v.model: v.version for v in self.learned.current()}, "profiles": self.has_profiles,
+                "snapshot": self.table.version,
                 "caches": {"item_fields": self.item_fields.stats(), "user_vectors": self.user_vectors.stats()},
                 "fresh_session_read_ms": self.fresh_read_ms,  # measured at start-up (None: fresh_sessions off)
                 "stale_session_reads": self.store.stale_reads}  # fresh session reads that timed out (lagging Milvus)
