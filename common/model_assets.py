@@ -443,10 +443,7 @@ def local_folder(ref: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            for remote in fs.find(path):
-                relative = remote[len(path.rstrip("/")) + 1:]
-                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(remote, str(staging / relative))
+            fs.get(f"{path.rstrip('/')}/", f"{staging}/", recursive=True)  # the folder's contents, layout kept
             try:
                 os.replace(staging, target)
             except OSError:  # another process finished the same copy first: use theirs
