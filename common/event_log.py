@@ -13,6 +13,13 @@ renamed into place, and on a local filesystem the folder is fsync'd too, all bef
 acknowledged event survives a crash, and a crash mid-write leaves only a temporary file that ``read`` ignores.
 Several processes may append at once: each append writes its own uniquely named part (no file is ever appended to).
 
+Idempotence: an event may carry ``event_id``, the client's id for it (a UUID, or any string unique per user). A
+client that timed out and sends the batch again cannot know what was written; the log keeps one event per
+``(user_id, event_id)``. ``append`` skips the events whose key is in ``seen`` (the caller's memory of recent keys:
+the event sink's, ``recent_keys`` fills it at start-up) or earlier in the same batch, and reports them as
+duplicates; ``read`` keeps the first of any that got through (two appenders without a shared memory), so every
+reader sees an event once. Events without ``event_id`` are never deduplicated: two identical clicks are two clicks.
+
 Compaction writes one part per past day whose Parquet metadata lists the parts it replaces; ``read`` skips every
 part so listed, so a reader racing a compaction (or a compaction that crashed before deleting) never sees an event
 twice. Run one compaction at a time (a scheduled job), beside any number of appenders and readers.
@@ -24,7 +31,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -40,7 +47,7 @@ from fsspec.implementations.local import LocalFileSystem
 from common.artifacts import write_atomic
 from common.catalog import ids_as_str
 from common.errors import ConfigError, SchemaError
-from common.events import (EVENTS_SCHEMA, RECORDS_MAX, REQUIRED_COLUMNS, load_events, validate_events,
+from common.events import (EVENT_ID, EVENTS_SCHEMA, RECORDS_MAX, REQUIRED_COLUMNS, load_events, validate_events,
                            validate_records)
 
 log = logging.getLogger(__name__)
@@ -50,7 +57,10 @@ REPLACES_KEY = b"vitrine.replaces"  # Parquet metadata of a compacted part: JSON
 _ROW = "__batch_row"  # position of each row in the appended batch, carried through validation
 _READ_ATTEMPTS = 5  # a part deleted by a concurrent compaction between listing and reading: list again
 
+LOG_SCHEMA = EVENTS_SCHEMA.append(pa.field(EVENT_ID, pa.string()))  # a part's columns (older parts lack event_id)
+
 KnownItems = Callable[[Sequence[str]], set[str]] | set[str] | frozenset[str] | None
+Key = tuple[str, str]  # (user_id, event_id): one event of the log
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,14 @@ class AppendResult:
     rejected: list[dict]  # {"index": row position in the batch, "reason": str} for each invalid row
     part: str | None  # URI of the part file written (None when nothing valid)
     events: pd.DataFrame | None = field(default=None, repr=False, compare=False)  # what the part holds, as written
+    duplicates: list[int] = field(default_factory=list)  # batch positions of events already logged (not written)
+
+    def keys(self) -> list[Key]:
+        """``(user_id, event_id)`` of the events written with an id (what an appender adds to its ``seen``)."""
+        if self.events is None:
+            return []
+        ids = self.events[self.events[EVENT_ID].notna()]
+        return list(zip(ids["user_id"], ids[EVENT_ID]))
 
 
 def _utc_now() -> datetime:
@@ -90,32 +108,46 @@ class EventLog:
 
     # ------------------------------------------------------------------------------------------ append
 
-    def append(self, events: pd.DataFrame | list[dict], known_items: KnownItems = None) -> AppendResult:
+    def append(self, events: pd.DataFrame | list[dict], known_items: KnownItems = None,
+               seen: Collection[Key] = frozenset()) -> AppendResult:
         """Validate a batch; write its valid rows as one new part and its invalid rows to quarantine, durably.
         ``known_items`` overrides the log's own for this batch (the event sink fetches the items' vectors with it).
+        Events whose ``(user_id, event_id)`` is in ``seen`` or earlier in the batch are not written: their batch
+        positions come back as ``duplicates``.
 
         A small batch of plain records takes ``validate_records`` (row by row); when any of its rows is invalid,
         or the batch is a frame, large or unusual, ``validate_events`` checks it (vectorised) and quarantines."""
         known_items = self._known if known_items is None else known_items
         now = self._clock().astimezone(timezone.utc)
+        if not isinstance(events, (pd.DataFrame, list, tuple)):
+            raise SchemaError(f"events must be a DataFrame or a list of dicts. Got {type(events).__name__}")
+        duplicates = _duplicates(events, seen)
+        kept = None
+        if duplicates:  # validate the rest; rejections are then mapped back to the batch's positions
+            drop = set(duplicates)
+            kept = [i for i in range(len(events)) if i not in drop]
+            events = events.iloc[kept] if isinstance(events, pd.DataFrame) else [events[i] for i in kept]
         checked, known = None, None
         if isinstance(events, (list, tuple)) and 0 < len(events) <= RECORDS_MAX \
                 and all(isinstance(e, dict) and isinstance(e.get("item_id"), str) for e in events):
             known = _resolve(known_items, sorted({e["item_id"] for e in events if e["item_id"]}))
-            checked = validate_records(events, known, default_ts=now)
+            checked = validate_records(events, known, default_ts=now, with_ids=True)
         if checked is not None:
             rejected: list[dict] = []
         else:
             frame = _as_frame(events)
             if frame.empty:
-                return AppendResult(accepted=0, rejected=[], part=None)
+                return AppendResult(accepted=0, rejected=[], part=None, duplicates=duplicates)
             table = _prepared(frame, now)
             if known is None:
                 known = _resolve(known_items, _item_ids(table))
-            checked = validate_events(table, known)
-            rejected = [{"index": int(i), "reason": str(r)}
+            checked = validate_events(table, known, with_ids=True)
+            rejected = [{"index": int(i) if kept is None else kept[int(i)], "reason": str(r)}
                         for i, r in zip(checked.quarantine[_ROW], checked.quarantine["reason"])]
             rejected.sort(key=lambda r: r["index"])
+            if kept is not None:  # the quarantine file names the rows' positions in the batch as sent
+                checked = type(checked)(valid=checked.valid, quarantine=checked.quarantine.assign(
+                    **{_ROW: [kept[int(i)] for i in checked.quarantine[_ROW]]}))
         fs, base = url_to_fs(self.uri)
         day, name = now.strftime("%Y-%m-%d"), _part_name(now)
         if len(checked.quarantine):
@@ -123,17 +155,19 @@ class EventLog:
         part, valid = None, None
         if len(checked.valid):
             valid = checked.valid.assign(ts=checked.valid["ts"].dt.floor("us"))
-            data = pa.Table.from_pandas(valid, schema=EVENTS_SCHEMA, preserve_index=False)
+            data = pa.Table.from_pandas(valid, schema=LOG_SCHEMA, preserve_index=False)
             _write_durable(fs, data.replace_schema_metadata(None), f"{base}/date={day}/{name}")
             part = f"{self.uri}/date={day}/{name}"
         log.debug("event log %s: %d accepted, %d rejected", self.uri, len(checked.valid), len(rejected))
-        return AppendResult(accepted=len(checked.valid), rejected=rejected, part=part, events=valid)
+        return AppendResult(accepted=len(checked.valid), rejected=rejected, part=part, events=valid,
+                            duplicates=duplicates)
 
     # ------------------------------------------------------------------------------------------ read
 
     def read(self, since: str | None = None) -> pd.DataFrame:
-        """Every accepted event (EVENTS_SCHEMA columns) with ``ts >= since`` (ISO time, UTC when naive), in time
-        order (ties keep append order); an empty frame with those columns when there is none."""
+        """Every accepted event (LOG_SCHEMA columns: EVENTS_SCHEMA's and ``event_id``) with ``ts >= since`` (ISO
+        time, UTC when naive), in time order (ties keep append order), each ``(user_id, event_id)`` once (the first
+        appended); an empty frame with those columns when there is none."""
         start = _parse_since(since)
         for _ in range(_READ_ATTEMPTS):
             try:
@@ -144,11 +178,32 @@ class EventLog:
         else:
             raise SchemaError(f"event log {self.uri}: parts kept disappearing while reading; is a compaction looping?")
         if not tables:
-            return EVENTS_SCHEMA.empty_table().to_pandas()
+            return LOG_SCHEMA.empty_table().to_pandas()
         frame = pa.concat_tables(tables).to_pandas()
+        again = frame[EVENT_ID].notna() & frame.duplicated(["user_id", EVENT_ID])
+        if again.any():  # appended twice by appenders that did not share their memory of recent keys
+            log.info("event log %s: %d event(s) logged again under the same event_id, read once", self.uri,
+                     int(again.sum()))
+            frame = frame[~again]
         if start is not None:
             frame = frame[frame["ts"] >= start]
         return frame.sort_values("ts", kind="stable").reset_index(drop=True)
+
+    def recent_keys(self, limit: int) -> list[Key]:
+        """The ``(user_id, event_id)`` of the last ``limit`` events appended with an id, oldest first (what an
+        appender remembers at start-up, so that a batch sent again after its restart is still caught)."""
+        if limit <= 0:
+            return []
+        fs, base = url_to_fs(self.uri)
+        days = sorted((p.rsplit("date=", 1)[1] for p in fs.glob(f"{base}/date=*") if fs.isdir(p)), reverse=True)
+        keys: list[Key] = []
+        for day in days:  # newest day first, newest part first, until ``limit`` keys
+            for _, table in reversed(self._live_parts(day)):
+                ids = table.filter(pc.is_valid(table[EVENT_ID]))
+                keys += reversed(list(zip(ids["user_id"].to_pylist(), ids[EVENT_ID].to_pylist())))
+                if len(keys) >= limit:
+                    return keys[:limit][::-1]
+        return keys[::-1]
 
     def _live_parts(self, day: str | None = None) -> list[tuple[str, pa.Table]]:
         """(path, table) of the parts not replaced by a compacted part, in name order (day, then time)."""
@@ -209,6 +264,40 @@ def _item_ids(table: pa.Table) -> list[str]:
     return sorted({i for i in ids_as_str(table["item_id"]).to_pylist() if i}) if "item_id" in table.column_names else []
 
 
+def _duplicates(events: pd.DataFrame | list[dict], seen: Collection[Key]) -> list[int]:
+    """Batch positions of the events whose ``(user_id, event_id)`` is in ``seen`` or earlier in the batch."""
+    if isinstance(events, pd.DataFrame):
+        if EVENT_ID not in events.columns or "user_id" not in events.columns:
+            return []
+        pairs = zip(events["user_id"].tolist(), events[EVENT_ID].tolist())
+    else:
+        pairs = ((e.get("user_id"), e.get(EVENT_ID)) if isinstance(e, dict) else (None, None) for e in events)
+    out, batch = [], set()
+    for i, (user, event_id) in enumerate(pairs):
+        key = _key(user, event_id)
+        if key is None:
+            continue
+        if key in seen or key in batch:
+            out.append(i)
+        batch.add(key)
+    return out
+
+
+def _key(user: object, event_id: object) -> Key | None:
+    """``(user_id, event_id)`` as the log stores them (ids as text), or None when either is missing or blank."""
+    if _missing(user) or _missing(event_id):
+        return None
+    user, event_id = _text(user), _text(event_id)
+    return (user, event_id) if user.strip() and event_id.strip() else None
+
+
+def _text(v: object) -> str:
+    """An id as ``ids_as_str`` writes it: integral floats without their ``.0``."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
 def _as_frame(events: pd.DataFrame | list[dict]) -> pd.DataFrame:
     if isinstance(events, pd.DataFrame):
         return events.reset_index(drop=True)
@@ -259,7 +348,9 @@ def _conformed(table: pa.Table, path: str) -> pa.Table:
     missing = [c for c in EVENTS_SCHEMA.names if c not in table.column_names]
     if missing:
         raise SchemaError(f"event log part {path} lacks column(s) {missing}; was it written by another tool?")
-    return table.select(EVENTS_SCHEMA.names).cast(EVENTS_SCHEMA).replace_schema_metadata(None)
+    if EVENT_ID not in table.column_names:  # written before events had ids
+        table = table.append_column(EVENT_ID, pa.nulls(len(table), pa.string()))
+    return table.select(LOG_SCHEMA.names).cast(LOG_SCHEMA).replace_schema_metadata(None)
 
 
 def _part_name(now: datetime) -> str:
@@ -319,7 +410,7 @@ def read_history(events_uri: str | None, log_uri: str) -> pd.DataFrame | None:
     parts = [load_events(events_uri).valid] if events_uri else []
     logged = EventLog(log_uri).read()
     if len(logged):
-        parts.append(logged)
+        parts.append(logged.drop(columns=[EVENT_ID]))
     if not parts:
         return None
     return pd.concat(parts, ignore_index=True).sort_values("ts", kind="stable") if len(parts) > 1 else parts[0]

@@ -6,7 +6,10 @@ An events file (Parquet, CSV or JSON Lines) has one row per interaction:
   (a timestamp, an ISO-8601 string or epoch seconds) are required;
 * ``session_id`` is optional: missing sessions are cut at ``SESSION_GAP`` of inactivity per user;
 * ``order_id`` (a checkout: purchases that share it form one basket), ``button`` (the UI element, which can
-  refine the weight) and ``value`` (price paid, amount refunded, or the stars of a ``rating``) are optional.
+  refine the weight) and ``value`` (price paid, amount refunded, or the stars of a ``rating``) are optional;
+* ``event_id`` is optional: the client's id for the event, which makes sending it again harmless (the event log
+  keeps one event per user and ``event_id``: ``common/event_log.py``). The validators carry it when asked
+  (``with_ids``); the training schema, ``EVENTS_SCHEMA``, does not hold it.
 
 Rows that cannot be used are returned apart with a ``reason`` column (quarantine), never dropped silently.
 """
@@ -42,6 +45,7 @@ EVENTS_SCHEMA = pa.schema([
     ("value", pa.float64()),  # purchase: price paid; return: amount refunded; rating: the stars; else null
 ])
 REQUIRED_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "event", "ts")
+EVENT_ID = "event_id"  # optional client id of an event (idempotent appends), after the EVENTS_SCHEMA columns
 SESSION_GAP = pd.Timedelta(minutes=30)  # a pause this long starts a new session when the file names none
 AGE_GROUPS: tuple[tuple[int, str], ...] = ((18, "<18"), (25, "18-24"), (35, "25-34"), (45, "35-44"),
                                            (55, "45-54"), (200, "55+"))
@@ -128,11 +132,13 @@ def _blank(values: pd.Series) -> pd.Series:
     return values.isna() | values.astype("string").str.strip().eq("")
 
 
-def validate_events(frame: pd.DataFrame | pa.Table, known_items: set[str] | None = None) -> EventsValidation:
+def validate_events(frame: pd.DataFrame | pa.Table, known_items: set[str] | None = None,
+                    with_ids: bool = False) -> EventsValidation:
     """Check every row; return usable events in EVENTS_SCHEMA and the rest with their reason.
 
     Reasons: ``missing user_id``, ``missing item_id``, ``unknown event 'x'``, ``bad ts 'x'``, ``bad value 'x'``,
-    and ``unknown item 'x'`` when ``known_items`` (the catalogue's ids) is given.
+    and ``unknown item 'x'`` when ``known_items`` (the catalogue's ids) is given. ``with_ids``: the valid events
+    carry ``event_id`` too (a string, None where absent or blank).
     """
     if isinstance(frame, pd.DataFrame):  # mixed-type object columns (ids, times) become strings first
         mixed = {c: "string" for c in frame.columns if frame[c].dtype == object}
@@ -142,7 +148,7 @@ def validate_events(frame: pd.DataFrame | pa.Table, known_items: set[str] | None
     if missing:
         raise SchemaError(f"events lack column(s) {', '.join(missing)}; the schema is {', '.join(EVENTS_SCHEMA.names)}")
     df = pd.DataFrame({c: ids_as_str(table[c]).to_pandas() for c in ("user_id", "item_id")})
-    for c in ("session_id", "order_id", "button"):
+    for c in ("session_id", "order_id", "button") + ((EVENT_ID,) if with_ids else ()):
         df[c] = (ids_as_str(table[c]).to_pandas() if c in table.column_names else pd.Series([None] * len(df)))
         df[c] = df[c].where(~_blank(df[c]), None)
     df["event"] = table["event"].to_pandas().astype("string").str.strip().str.lower()
@@ -168,7 +174,7 @@ def validate_events(frame: pd.DataFrame | pa.Table, known_items: set[str] | None
     valid = df[~bad].sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
     if valid["session_id"].isna().any():
         valid["session_id"] = valid["session_id"].fillna(_sessions(valid))
-    valid = valid[EVENTS_SCHEMA.names]
+    valid = valid[EVENTS_SCHEMA.names + ([EVENT_ID] if with_ids else [])]
     if len(quarantine):
         log.warning("events: %d row(s) quarantined (%s)", len(quarantine),
                     quarantine["reason"].str.split(" '").str[0].value_counts().to_dict())
@@ -179,18 +185,19 @@ def validate_events(frame: pd.DataFrame | pa.Table, known_items: set[str] | None
 RECORDS_MAX = 256
 _ISO = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)?(?:Z|[+-]\d{2}:\d{2})?")
 _OPTIONAL_TEXT = ("session_id", "order_id", "button")
-_FIELDS = frozenset(EVENTS_SCHEMA.names)
+_FIELDS = frozenset(EVENTS_SCHEMA.names) | {EVENT_ID}
 
 
 def validate_records(records: Sequence[Mapping[str, Any]], known_items: set[str] | None = None,
-                     default_ts: datetime | None = None) -> EventsValidation | None:
+                     default_ts: datetime | None = None, with_ids: bool = False) -> EventsValidation | None:
     """``validate_events`` for a small batch of plain records (what ``POST /events`` sends), row by row in Python.
 
     The same checks and the same events come out (``tests/common/test_events.py`` holds it to validate_events),
     without pandas' fixed cost per operation, which on a one-event batch was ~25 ms of CPU. Returns None, and
     the caller runs ``validate_events`` (which quarantines with reasons), when any record is invalid or outside
     the plain form: keys of EVENTS_SCHEMA only, str ids and event, ``ts`` None or an ISO-8601 string (at most
-    microseconds), ``value`` a float or None. ``default_ts`` is the time given to records without ``ts``.
+    microseconds), ``value`` a float or None, ``event_id`` a str or None. ``default_ts`` is the time given to
+    records without ``ts`` (naive = UTC). ``with_ids``: the valid events carry ``event_id`` too.
     """
     if not 0 < len(records) <= RECORDS_MAX:
         return None
@@ -209,7 +216,7 @@ def validate_records(records: Sequence[Mapping[str, Any]], known_items: set[str]
         value = r.get("value")
         if ts is None or not (value is None or type(value) is float):
             return None
-        text = [r.get(c) for c in _OPTIONAL_TEXT]
+        text = [r.get(c) for c in _OPTIONAL_TEXT + (EVENT_ID,)]
         if not all(t is None or isinstance(t, str) for t in text):
             return None
         text = [t if t is not None and t.strip() else None for t in text]
@@ -227,15 +234,20 @@ def validate_records(records: Sequence[Mapping[str, Any]], known_items: set[str]
         "event": pa.array(columns[4], pa.string()), "ts": pa.array(columns[1], pa.timestamp("us", tz="UTC")),
         "session_id": pa.array([s if s is not None else d for s, d in zip(columns[5], sessions)], pa.string()),
         "order_id": pa.array(columns[6], pa.string()), "button": pa.array(columns[7], pa.string()),
-        "value": pa.array(columns[8], pa.float64()),
+        "value": pa.array(columns[9], pa.float64()),
     }, schema=EVENTS_SCHEMA)
+    if with_ids:
+        valid = valid.append_column(EVENT_ID, pa.array(columns[8], pa.string()))
     return EventsValidation(valid=valid.to_pandas(), quarantine=pd.DataFrame({"reason": pd.Series([], dtype=str)}))
 
 
 def _iso_time(value: Any, default: datetime | None) -> pd.Timestamp | None:
     """An ISO-8601 string (naive = UTC) or a blank -> UTC time; None for anything validate_records leaves alone."""
     if value is None or (isinstance(value, str) and not value.strip()):
-        return None if default is None else pd.Timestamp(default).tz_convert("UTC").floor("us")
+        if default is None:
+            return None
+        t = pd.Timestamp(default)
+        return (t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")).floor("us")
     if not isinstance(value, str) or not _ISO.fullmatch(value):
         return None
     try:

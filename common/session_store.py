@@ -31,10 +31,7 @@ to one event sink (serve/events.py, ``shard_of``), a single replica.
 from __future__ import annotations
 
 import logging
-import threading
-import zlib
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +39,7 @@ import pandas as pd
 
 from common.errors import ConfigError, SchemaError
 from common.events import EventWeights
+from common.locks import StripedLocks
 from common.profiles import session_update
 from common.vector_store import CollectionSpec, VectorStore
 
@@ -80,7 +78,7 @@ class SessionStore:
         self.dim = dim
         self.gap_seconds = float(gap_seconds)
         self.weights = weights or EventWeights()
-        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        self._locks = StripedLocks(LOCK_STRIPES)
         store.ensure_collection(CollectionSpec(name=collection, dim=dim, model=model, fields=dict(SESSION_FIELDS)))
 
     def get(self, user_id: str, fresh: bool = False) -> Session | None:
@@ -102,17 +100,8 @@ class SessionStore:
                               "weight": self.weights.weigh(events)})
         frame = frame.sort_values("ts", kind="stable")
         users = list(dict.fromkeys(frame["user_id"]))
-        with self._locked(users):
+        with self._locks.held(users):
             return self._update(frame, users, item_vectors)
-
-    @contextmanager
-    def _locked(self, users: list[str]) -> Iterator[None]:
-        """Hold the locks of ``users`` (taken in stripe order, so two batches never wait on each other in a cycle)."""
-        stripes = sorted({zlib.crc32(u.encode()) % LOCK_STRIPES for u in users})
-        with ExitStack() as held:
-            for i in stripes:
-                held.enter_context(self._locks[i])
-            yield
 
     def _update(self, frame: pd.DataFrame, users: list[str],
                 item_vectors: Mapping[str, np.ndarray]) -> dict[str, Session]:

@@ -15,6 +15,7 @@ from common.item_index import check_base_name
 MAX_K = 100  # the most results one request may ask for
 MAX_EVENTS = 1000  # the most events one POST /events may carry
 MAX_EVENT_SHARDS = 64  # the most event sinks (ServeConfig.event_shards)
+MAX_DEDUP_EVENT_IDS = 10_000_000  # the most event ids a sink remembers (~100 bytes each)
 
 
 def default_event_log() -> str:
@@ -100,6 +101,10 @@ class ServeConfig:
     # More sinks (event_shards) each own a share of the users: that scales out without the risk.
     events_sink: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.1, max_replicas=1))
     event_shards: int = 1  # event sinks, each owning the users that hash to it (scale POST /events out this way)
+    # Each sink remembers the (user_id, event_id) of this many latest events (read back from the event log at
+    # start-up), so a batch sent again after a timeout or a sink restart is answered "duplicates", not appended
+    # twice; 0: no memory (the log's readers still read each event_id once, but sessions would count it twice).
+    dedup_event_ids: int = 100_000
     text_encoder: Replicas = field(default_factory=lambda: Replicas(num_cpus=0.25, max_replicas=1))
     # At their maxima the defaults reserve 1.85 logical CPUs: the whole graph can scale out on 2 cores.
 
@@ -119,6 +124,10 @@ class ServeConfig:
         if isinstance(self.event_shards, bool) or not isinstance(self.event_shards, int) \
                 or not 1 <= self.event_shards <= MAX_EVENT_SHARDS:
             raise ConfigError(f"event_shards must be an integer in [1, {MAX_EVENT_SHARDS}]. Got {self.event_shards!r}")
+        if isinstance(self.dedup_event_ids, bool) or not isinstance(self.dedup_event_ids, int) \
+                or not 0 <= self.dedup_event_ids <= MAX_DEDUP_EVENT_IDS:
+            raise ConfigError(f"dedup_event_ids must be an integer in [0, {MAX_DEDUP_EVENT_IDS}]. "
+                              f"Got {self.dedup_event_ids!r}")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"port must be in [1, 65535]. Got {self.port!r}")
 
@@ -138,7 +147,7 @@ def config_from_mapping(values: Mapping[str, Any]) -> ServeConfig:
         elif isinstance(values.get(name), str):
             values[name] = resolve_uri(values[name])
     for name, cast in (("candidates", int), ("recent_items", int), ("port", int), ("search_ef", int),
-                       ("event_shards", int),
+                       ("event_shards", int), ("dedup_event_ids", int),
                        ("diversity", float), ("session_gap_s", float), ("store_timeout_s", float),
                        ("fields_ttl_s", float), ("user_vector_ttl_s", float), ("learned_check_s", float)):
         if isinstance(values.get(name), str):  # `serve run module:build_app key=value` passes strings

@@ -1,6 +1,10 @@
 """EventSink deployment: POST /events lands here. Each batch is validated, appended durably to the event log
 (invalid rows quarantined with their reason) and folded into the users' live session vectors before the reply,
-so the next request of any replica sees the session move.
+so the next request of any replica sees the session move. An event sent again under its ``event_id`` (a client
+that timed out cannot know whether its batch was written) is answered as a duplicate and neither appended nor
+folded again: each sink remembers the ids of its latest events (``ServeConfig.dedup_event_ids``), reading them back
+from the log when it starts, and holds the batch's users' locks from that check to the session update, so a retry
+that arrives while the first attempt is still being written waits for it.
 
 The sinks scale out by user (``ServeConfig.event_shards``): the ingress sends each user's events to the one sink
 that owns the user (``shard_of``), where per-user locks order them, so no two processes ever update one session at
@@ -17,6 +21,7 @@ from ray import serve
 
 from common.event_log import EventLog
 from common.item_index import collection_name
+from common.locks import RecentSet, StripedLocks
 from common.session_store import SessionStore
 from common.vector_store import open_store
 from serve.config import ServeConfig
@@ -35,9 +40,13 @@ class EventSink:
         self.sessions = SessionStore(self.store, sessions_collection(cfg.collection), dim=spec.dim, model=spec.model,
                                      gap_seconds=cfg.session_gap_s)
         self.log = EventLog(cfg.event_log)
+        self.recent = RecentSet(cfg.dedup_event_ids)
+        self.recent.add(self.log.recent_keys(cfg.dedup_event_ids))
+        self._users = StripedLocks()
 
     def append(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Validate + append durably, then update sessions. Returns counts, rejections and the sessions touched."""
+        """Validate + append durably, then update sessions. Returns counts, rejections, the batch positions of
+        duplicates (events already appended under their ``event_id``) and the sessions touched."""
         vectors: dict[str, np.ndarray] = {}
 
         def known(ids: Sequence[str]) -> set[str]:  # the catalogue check fetches the vectors the sessions need
@@ -45,12 +54,15 @@ class EventSink:
                            for r in self.store.get(self.content, list(ids), with_vectors=True))
             return set(vectors)
 
-        result = self.log.append(rows, known_items=known)
         sessions: dict[str, int] = {}
-        if result.accepted:
-            updated = self.sessions.update(result.events.sort_values("ts", kind="stable"), vectors)  # as logged
-            sessions = {u: s.n_events for u, s in updated.items()}
-        return {"accepted": result.accepted, "rejected": result.rejected, "sessions": sessions}
+        with self._users.held({str(r.get("user_id")) for r in rows}):  # duplicate check, append, fold: one user's
+            result = self.log.append(rows, known_items=known, seen=self.recent)  # batches in the log's order
+            self.recent.add(result.keys())
+            if result.accepted:
+                updated = self.sessions.update(result.events.sort_values("ts", kind="stable"), vectors)  # as logged
+                sessions = {u: s.n_events for u, s in updated.items()}
+        return {"accepted": result.accepted, "duplicates": result.duplicates, "rejected": result.rejected,
+                "sessions": sessions}
 
 
 def shard_of(user_id: str, shards: int) -> int:
@@ -70,11 +82,13 @@ def split_by_user(rows: Sequence[Mapping[str, Any]], shards: int) -> list[list[i
 def merge_answers(answers: Sequence[Mapping[str, Any]], positions: Sequence[Sequence[int]]) -> dict[str, Any]:
     """One answer for the batch from the shards' answers (``answers[i]`` for the rows at ``positions[i]``):
     counts added, rejections back at their batch positions, sessions together."""
-    out: dict[str, Any] = {"accepted": 0, "rejected": [], "sessions": {}}
+    out: dict[str, Any] = {"accepted": 0, "duplicates": [], "rejected": [], "sessions": {}}
     for answer, where in zip(answers, positions):
         out["accepted"] += answer["accepted"]
+        out["duplicates"] += [where[i] for i in answer.get("duplicates", ())]
         out["rejected"] += [{**r, "index": where[r["index"]]} for r in answer["rejected"]]
         out["sessions"].update(answer["sessions"])
+    out["duplicates"].sort()
     out["rejected"].sort(key=lambda r: r["index"])
     return out
 

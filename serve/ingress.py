@@ -44,6 +44,9 @@ class Event(BaseModel):
     order_id: str | None = None
     button: str | None = None
     value: float | None = None
+    event_id: str | None = Field(None, max_length=128, description="the client's id for this event (a UUID, or "
+                                 "any string unique per user): an event sent again under its id is answered as a "
+                                 "duplicate instead of being counted twice, so a batch may be retried safely")
 
 
 class EventBatch(BaseModel):
@@ -202,7 +205,8 @@ class Ingress:
         """Append a batch durably (acknowledged = written), then update the users' session vectors. With several
         event sinks a batch of several users is appended by each owning sink; when some fail, the reply has the
         failure's status (503 for a restarting sink) and says what the others appended and which batch positions
-        to send again (``not_appended``): resending the whole batch would log the appended ones twice."""
+        to send again (``not_appended``): resending the whole batch would log the appended ones twice, unless
+        its events carry ``event_id`` (then the appended ones come back as ``duplicates``)."""
         t0 = time.perf_counter()
         rows = [e.model_dump() for e in batch.events]
         if len(self.sinks) == 1:
@@ -225,6 +229,6 @@ class Ingress:
                                     headers={k: v for k, v in failed.headers.items() if k.lower() == "retry-after"})
             result = merge_answers(answers, parts)
         body = {**result, "took_ms": round((time.perf_counter() - t0) * 1e3, 2)}
-        if not result["accepted"]:
+        if not result["accepted"] and not result["duplicates"]:
             return JSONResponse({"error": "no valid event in the batch", **body}, status_code=422)
         return body

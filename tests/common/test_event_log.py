@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.errors import ConfigError
-from common.event_log import EventLog
-from common.events import EVENTS_SCHEMA
+from common.event_log import LOG_SCHEMA, EventLog
+
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -33,7 +33,7 @@ def test_append_then_read_round_trip(tmp_path):
     assert (first.accepted, first.rejected, second.accepted) == (3, [], 2)
     assert Path(first.part).exists() and "date=" in first.part
     out = log.read()
-    assert list(out.columns) == EVENTS_SCHEMA.names
+    assert list(out.columns) == LOG_SCHEMA.names
     assert len(out) == 5
     assert out["ts"].is_monotonic_increasing  # time order, across parts
     assert list(out["user_id"]) == ["u1", "u1", "u2", "u2", "u2"]
@@ -112,7 +112,7 @@ def test_empty_batch_writes_nothing(tmp_path):
     assert (res.accepted, res.rejected, res.part) == (0, [], None)
     assert not (tmp_path / "log").exists()
     out = log.read()
-    assert out.empty and list(out.columns) == EVENTS_SCHEMA.names
+    assert out.empty and list(out.columns) == LOG_SCHEMA.names
 
 
 def test_a_temp_file_left_by_a_crash_is_ignored(tmp_path):
@@ -181,3 +181,80 @@ def test_bad_arguments(tmp_path):
         EventLog(str(tmp_path), known_items=["i1"])
     with pytest.raises(ConfigError, match="yesterday"):
         EventLog(str(tmp_path)).read(since="yesterday")
+
+
+# ------------------------------------------------------------------------------------------ idempotence
+
+
+def _with_ids(events: list[dict], prefix: str = "e") -> list[dict]:
+    return [{**e, "event_id": f"{prefix}{k}"} for k, e in enumerate(events)]
+
+
+@pytest.mark.parametrize("as_frame", [False, True], ids=["records", "frame"])
+def test_an_event_sent_again_under_its_id_is_a_duplicate_not_a_second_event(tmp_path, as_frame):
+    log = EventLog(str(tmp_path / "log"), clock=lambda: T0)
+    batch = _with_ids(_events(3))
+    first = log.append(pd.DataFrame(batch) if as_frame else batch)
+    assert (first.accepted, first.duplicates) == (3, [])
+    assert first.keys() == [("u1", "e0"), ("u1", "e1"), ("u1", "e2")]
+    retry = batch[1:] + _with_ids(_events(1, start=9), prefix="new")  # two sent again, one new
+    second = log.append(pd.DataFrame(retry) if as_frame else retry, seen=set(first.keys()))
+    assert (second.accepted, second.duplicates, second.keys()) == (1, [0, 1], [("u1", "new0")])
+    out = log.read()
+    assert len(out) == 4 and out["event_id"].tolist() == ["e0", "e1", "e2", "new0"]
+
+
+def test_repeats_within_one_batch_and_rejections_keep_their_batch_positions(tmp_path):
+    log = EventLog(str(tmp_path / "log"), clock=lambda: T0)
+    good = _with_ids(_events(2))
+    bad = {"user_id": "u1", "item_id": "i1", "event": "teleport", "event_id": "x"}
+    batch = [good[0], good[0], bad, good[1], {**good[1]}]  # positions 1 and 4 repeat 0 and 3
+    result = log.append(batch)
+    assert (result.accepted, result.duplicates) == (2, [1, 4])
+    assert result.rejected == [{"index": 2, "reason": "unknown event 'teleport'"}]
+    [quarantined] = _parts(tmp_path / "log", quarantine=True)
+    assert pq.read_table(quarantined)["batch_index"].to_pylist() == [2]
+
+
+def test_ids_are_per_user_and_events_without_an_id_are_never_deduplicated(tmp_path):
+    log = EventLog(str(tmp_path / "log"), clock=lambda: T0)
+    same_id = [{**_events(1, "u1")[0], "event_id": "e"}, {**_events(1, "u2")[0], "event_id": "e"}]
+    clicks = _events(1) * 2 + [{**_events(1)[0], "event_id": " "}]  # identical clicks; a blank id is no id
+    result = log.append(same_id + clicks, seen={("u3", "e")})
+    assert (result.accepted, result.duplicates) == (5, [])
+    assert log.read()["event_id"].isna().sum() == 3
+
+
+def test_read_keeps_the_first_of_events_two_appenders_both_wrote(tmp_path):
+    now = {"t": T0}
+    log = EventLog(str(tmp_path / "log"), clock=lambda: now["t"])  # parts are named by the time they are written
+    batch = _with_ids(_events(2))
+    log.append(batch)
+    now["t"] = T0 + timedelta(seconds=1)
+    log.append([{**batch[1], "value": 9.0}] + _with_ids(_events(1, start=5), prefix="z"))  # no shared memory
+    out = log.read()
+    assert out["event_id"].tolist() == ["e0", "e1", "z0"] and out["value"].isna().all()  # the first e1 kept
+
+
+def test_parts_written_before_event_ids_read_as_events_without_one(tmp_path):
+    log = EventLog(str(tmp_path / "log"), clock=lambda: T0)
+    part = Path(log.append(_with_ids(_events(2))).part)
+    table = pq.read_table(part)
+    pq.write_table(table.drop_columns(["event_id"]), part)  # the layout of earlier versions
+    out = log.read()
+    assert len(out) == 2 and out["event_id"].isna().all()
+    assert log.recent_keys(10) == []
+
+
+def test_recent_keys_are_the_newest_ids_oldest_first_across_days_and_compaction(tmp_path):
+    now = {"t": T0}
+    log = EventLog(str(tmp_path / "log"), clock=lambda: now["t"])
+    for day in range(3):
+        for k in range(2):
+            now["t"] = T0 + timedelta(days=day, seconds=k)
+            log.append(_with_ids(_events(2, start=10 * day + 2 * k), prefix=f"d{day}p{k}-"))
+    everything = [("u1", f"d{d}p{k}-{j}") for d in range(3) for k in range(2) for j in range(2)]
+    assert log.recent_keys(100) == everything
+    assert log.recent_keys(5) == everything[-5:]
+    assert log.compact() == 4  # the two past days merged (ts order = append order here)
+    assert log.recent_keys(100) == everything and log.recent_keys(0) == []

@@ -1,6 +1,8 @@
 """Events: validation with quarantine reasons, timestamp forms, derived sessions, weights, user segments."""
 from __future__ import annotations
 
+from datetime import datetime
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -107,13 +109,14 @@ _POOLS = {
     "order_id": [None, "o1", ""],
     "button": [None, "heart", "not_interested", ""],
     "value": [None, 3.0, float("nan"), float("inf"), "ten", 2, True],
+    "event_id": [None, "", " ", "e1", "e-ü", 7, 7.0],
 }
 _VALID = {"user_id": ["u1", "u2", " u3 ", "ü-7"], "item_id": ["a", "b", "c"],
           "event": ["view", "VIEW ", " Purchase", "rating", "return"],
           "ts": [None, "2025-01-01T10:00:00Z", "2025-01-01T10:31:00Z", "2025-01-01T11:30:00", "2025-01-01",
                  "2025-01-01T10:00:00.123456+02:00"],
           "session_id": [None, "", "s1"], "order_id": [None, "o1"], "button": [None, "heart", ""],
-          "value": [None, 3.0]}
+          "value": [None, 3.0], "event_id": [None, "e1", " ", "e2"]}
 
 
 def _batch(rng: np.random.Generator, odd: float, n: int) -> list[dict]:
@@ -128,13 +131,14 @@ def _batch(rng: np.random.Generator, odd: float, n: int) -> list[dict]:
 
 def _logged(valid: pd.DataFrame) -> pa.Table:
     """What the event log writes for these valid events."""
-    return pa.Table.from_pandas(valid.assign(ts=valid["ts"].dt.floor("us")), schema=EVENTS_SCHEMA,
+    from common.event_log import LOG_SCHEMA
+    return pa.Table.from_pandas(valid.assign(ts=valid["ts"].dt.floor("us")), schema=LOG_SCHEMA,
                                 preserve_index=False).replace_schema_metadata(None)
 
 
 def _slow(rows: list[dict]):
     from common.event_log import _as_frame, _prepared
-    return validate_events(_prepared(_as_frame(rows), _NOW), known_items={"a", "b", "c"})
+    return validate_events(_prepared(_as_frame(rows), _NOW), known_items={"a", "b", "c"}, with_ids=True)
 
 
 @pytest.mark.parametrize("odd", [0.15, 0.0], ids=["odd", "valid"])
@@ -143,7 +147,7 @@ def test_validate_records_accepts_exactly_what_validate_events_accepts(odd):
     fast_taken = 0
     for _ in range(200):
         rows = _batch(rng, odd, int(rng.integers(1, 5)))
-        fast = validate_records(rows, known_items={"a", "b", "c"}, default_ts=_NOW)
+        fast = validate_records(rows, known_items={"a", "b", "c"}, default_ts=_NOW, with_ids=True)
         slow = _slow(rows)
         if fast is None:
             assert odd, f"a valid plain batch missed the fast path: {rows}"
@@ -159,7 +163,7 @@ def test_validate_records_orders_and_cuts_sessions_as_validate_events():
             {"user_id": "u1", "item_id": "b", "event": "view", "ts": "2025-01-01T11:00:00Z"},
             {"user_id": "u1", "item_id": "a", "event": "view", "ts": "2025-01-01T10:00:00Z"},
             {"user_id": "u1", "item_id": "c", "event": "purchase", "ts": "2025-01-01T11:00:00Z", "order_id": "o"}]
-    fast = validate_records(rows, known_items={"a", "b", "c"})
+    fast = validate_records(rows, known_items={"a", "b", "c"}, with_ids=True)
     assert fast.valid[["user_id", "item_id"]].values.tolist() == [["u1", "a"], ["u1", "b"], ["u1", "c"], ["u2", "a"]]
     assert fast.valid["session_id"].tolist() == ["u1/1", "u1/2", "u1/2", "u2/3"]  # 60 min > the 30 min gap
     assert _logged(fast.valid).equals(_logged(_slow(rows).valid))
@@ -174,3 +178,12 @@ def test_validate_records_orders_and_cuts_sessions_as_validate_events():
 ], ids=["no-ts", "unknown-item", "extra-key", "int-id", "empty"])
 def test_validate_records_leaves_other_batches_to_validate_events(rows):
     assert validate_records(rows, known_items={"a"}) is None
+
+
+def test_ids_are_carried_only_when_asked_and_a_naive_default_time_is_utc():
+    rows = [{"user_id": "u1", "item_id": "a", "event": "view", "event_id": "e1"}]
+    plain = validate_records(rows, known_items={"a"}, default_ts=datetime(2025, 1, 1, 10))
+    assert list(plain.valid.columns) == EVENTS_SCHEMA.names
+    assert plain.valid["ts"].iloc[0] == pd.Timestamp("2025-01-01T10:00:00Z")
+    assert validate_records(rows, known_items={"a"}, default_ts=_NOW, with_ids=True).valid["event_id"].tolist() == ["e1"]
+    assert "event_id" not in validate_events(pd.DataFrame(rows).assign(ts="2025-01-01")).valid.columns

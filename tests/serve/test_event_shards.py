@@ -25,10 +25,12 @@ def test_a_users_events_all_go_to_one_shard_and_users_spread():
 
 def test_answers_merge_back_to_batch_positions():
     positions = [[0, 3], [1, 2, 4]]
-    answers = [{"accepted": 1, "rejected": [{"index": 1, "reason": "unknown item 'x'"}], "sessions": {"a": 1}},
-               {"accepted": 2, "rejected": [{"index": 0, "reason": "unknown event 'y'"}], "sessions": {"b": 2}}]
+    answers = [{"accepted": 1, "duplicates": [0], "rejected": [{"index": 1, "reason": "unknown item 'x'"}],
+                "sessions": {"a": 1}},
+               {"accepted": 2, "duplicates": [], "rejected": [{"index": 0, "reason": "unknown event 'y'"}],
+                "sessions": {"b": 2}}]
     assert merge_answers(answers, positions) == {
-        "accepted": 3, "sessions": {"a": 1, "b": 2},
+        "accepted": 3, "duplicates": [0], "sessions": {"a": 1, "b": 2},
         "rejected": [{"index": 1, "reason": "unknown event 'y'"}, {"index": 3, "reason": "unknown item 'x'"}]}
 
 
@@ -37,16 +39,21 @@ def test_event_shards_config():
     for bad in (0, 65, 1.5, True):
         with pytest.raises(ConfigError, match="event_shards"):
             ServeConfig(event_shards=bad)
+    for bad in (-1, 10_000_001, 2.0, False):
+        with pytest.raises(ConfigError, match="dedup_event_ids"):
+            ServeConfig(dedup_event_ids=bad)
     assert [sink_name(i) for i in range(3)] == ["EventSink", "EventSink1", "EventSink2"]
 
 
 def test_a_partial_failure_says_what_was_appended_and_what_to_send_again():
     positions = [[0, 3], [1, 2, 4], [5]]
-    answers = [{"accepted": 2, "rejected": [], "sessions": {"a": 2}}, RuntimeError("sink restarting"),
-               {"accepted": 0, "rejected": [{"index": 0, "reason": "unknown item 'x'"}], "sessions": {}}]
+    answers = [{"accepted": 1, "duplicates": [1], "rejected": [], "sessions": {"a": 2}},
+               RuntimeError("sink restarting"),
+               {"accepted": 0, "duplicates": [], "rejected": [{"index": 0, "reason": "unknown item 'x'"}],
+                "sessions": {}}]
     assert partial_answer(answers, positions) == {
-        "accepted": 2, "rejected": [{"index": 5, "reason": "unknown item 'x'"}], "sessions": {"a": 2},
-        "not_appended": [1, 2, 4]}
+        "accepted": 1, "duplicates": [3], "rejected": [{"index": 5, "reason": "unknown item 'x'"}],
+        "sessions": {"a": 2}, "not_appended": [1, 2, 4]}
 
 
 class _FakeSink:
@@ -60,7 +67,8 @@ class _FakeSink:
             if self.fail:
                 from ray.exceptions import RayActorError
                 raise RayActorError()
-            return {"accepted": len(rows), "rejected": [], "sessions": {r["user_id"]: 1 for r in rows}}
+            return {"accepted": len(rows), "duplicates": [], "rejected": [],
+                    "sessions": {r["user_id"]: 1 for r in rows}}
         return answer()
 
 

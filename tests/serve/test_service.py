@@ -251,6 +251,42 @@ def test_one_shoppers_concurrent_events_all_reach_the_session(service):
     assert sorted(r.json()["sessions"][user] for r in answers) == [1, 2, 3, 4, 5, 6]
 
 
+def test_an_event_sent_again_under_its_id_is_a_duplicate_not_a_second_event(service):
+    df = items(service)
+    user = f"retry-{uuid.uuid4().hex[:8]}"
+    batch = [{"user_id": user, "item_id": df["item_id"].iloc[n], "event": "view", "event_id": f"{user}-{n}"}
+             for n in range(3)]
+    first = post_events(service, batch)
+    assert first.status_code == 200 and first.json()["duplicates"] == [] and first.json()["sessions"] == {user: 3}
+    again = post_events(service, batch + [{**batch[0], "event_id": f"{user}-new"}])  # a retry with one new event
+    assert again.status_code == 200, again.text
+    assert (again.json()["accepted"], again.json()["duplicates"], again.json()["sessions"]) == (1, [0, 1, 2], {user: 4})
+    only_again = post_events(service, batch[1:])  # nothing new: still 200, not "no valid event"
+    assert only_again.status_code == 200 and only_again.json()["accepted"] == 0
+    assert only_again.json()["duplicates"] == [0, 1] and only_again.json()["sessions"] == {}
+    logged = EventLog(service["cfg"].event_log).read()
+    assert sorted(logged[logged["user_id"] == user]["event_id"]) == sorted([f"{user}-{n}" for n in range(3)]
+                                                                           + [f"{user}-new"])
+
+
+def test_retries_racing_the_first_attempt_append_once(service):
+    """The same batch sent four times at once (a client retrying while its first request is still being written):
+    one answer appends it, the other three answer duplicates, and the session counts it once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    df = items(service)
+    user = f"race-{uuid.uuid4().hex[:8]}"
+    batch = [{"user_id": user, "item_id": df["item_id"].iloc[n], "event": "view", "event_id": f"e{n}"}
+             for n in range(2)]
+    with ThreadPoolExecutor(4) as pool:
+        answers = [r.json() for r in pool.map(lambda _: post_events(service, batch), range(4))]
+    assert sorted(a["accepted"] for a in answers) == [0, 0, 0, 2], answers
+    assert sorted(len(a["duplicates"]) for a in answers) == [0, 2, 2, 2]
+    assert [a["sessions"] for a in answers if a["accepted"]] == [{user: 2}]
+    logged = EventLog(service["cfg"].event_log).read()
+    assert (logged["user_id"] == user).sum() == 2
+
+
 @pytest.mark.parametrize("body", [
     {"events": []},
     {"events": [{"user_id": "u", "event": "view"}]},

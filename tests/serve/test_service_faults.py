@@ -56,7 +56,7 @@ def test_a_killed_replica_is_replaced_and_no_acknowledged_event_is_lost(service)
     def send(i: int) -> None:
         r = requests.post(f"{url}/events", timeout=60,
                           json={"events": [{"user_id": user, "item_id": items[i % len(items)], "event": "view",
-                                            "session_id": f"s-{i}"}]})
+                                            "session_id": f"s-{i}", "event_id": f"e-{i}"}]})
         statuses.append(r.status_code)
         assert r.status_code in (200, 503), r.text
         if r.status_code == 200:
@@ -78,3 +78,13 @@ def test_a_killed_replica_is_replaced_and_no_acknowledged_event_is_lost(service)
     assert replaced
     logged = EventLog(service["cfg"].event_log).read()
     assert set(acked) <= set(logged[logged["user_id"] == user]["session_id"])
+    # The replacement read the ids of the log's latest events at start-up: events acknowledged by the killed
+    # replica, sent again, are duplicates, not second events.
+    before_kill = [{"user_id": user, "item_id": items[i % len(items)], "event": "view", "session_id": f"s-{i}",
+                    "event_id": f"e-{i}"} for i in range(5) if f"s-{i}" in acked]
+    assert before_kill
+    r = requests.post(f"{url}/events", json={"events": before_kill}, timeout=60)
+    assert r.status_code == 200 and r.json()["accepted"] == 0, r.text
+    assert r.json()["duplicates"] == list(range(len(before_kill))), r.text
+    assert len(EventLog(service["cfg"].event_log).read().query("user_id == @user")) == len(logged.query(
+        "user_id == @user"))
