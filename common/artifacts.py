@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from common.errors import NotFoundError
+from common.refresher import Refresher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LATEST = "LATEST"  # a small text file holding the name of the newest finished version
 
@@ -88,3 +92,21 @@ class ArtifactStore:
         fs, base = self._fs()
         with fs.open(f"{base}/{kind}/{name}/{version}/manifest.json", "r") as f:
             return json.load(f)
+
+
+
+class LatestArtifact(Refresher[str, T | None]):
+    """The latest published version of ``kind/name``, loaded, and loaded again when a newer one is published.
+
+    A serving replica holds its rules or ranker this way, so ``vitrine rules`` or ``vitrine train ranker`` reach a
+    running service without a redeploy: the ``latest`` pointer is looked at every ``check_s`` seconds (0: never
+    after start-up) and a new version is loaded off the request path and swapped in whole (``value`` and
+    ``version`` change together; see ``common.refresher``). A version that fails to load is logged and counted and
+    the current one stays. ``value`` is None while nothing is published.
+    """
+
+    def __init__(self, store: ArtifactStore, kind: str, name: str, load: Callable[[str], T],
+                 check_s: float = 30.0) -> None:
+        super().__init__(version=lambda: store.latest(kind, name),
+                         build=lambda version: load(version) if version is not None else None,
+                         every_s=check_s, name=f"{kind}/{name}")

@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -168,7 +169,7 @@ class EventLog:
         """Every accepted event (LOG_SCHEMA columns: EVENTS_SCHEMA's and ``event_id``) with ``ts >= since`` (ISO
         time, UTC when naive), in time order (ties keep append order), each ``(user_id, event_id)`` once (the first
         appended); an empty frame with those columns when there is none."""
-        start = _parse_since(since)
+        start = parse_since(since)
         for _ in range(_READ_ATTEMPTS):
             try:
                 tables = [t for _, t in self._live_parts()]
@@ -188,6 +189,33 @@ class EventLog:
         if start is not None:
             frame = frame[frame["ts"] >= start]
         return frame.sort_values("ts", kind="stable").reset_index(drop=True)
+
+    def stats(self) -> dict[str, Any]:
+        """What the log holds: events (each ``event_id`` once), users, items, the time span, events per day
+        received, event types, how many carry an ``event_id``, and quarantined rows by reason."""
+        frame = self.read()
+        fs, base = url_to_fs(self.uri)
+        days: dict[str, int] = {}
+        for day in sorted(p.rsplit("date=", 1)[1] for p in fs.glob(f"{base}/date=*") if fs.isdir(p)):
+            days[day] = sum(len(t) for _, t in self._live_parts(day))
+        reasons: dict[str, int] = {}
+        for path in sorted(fs.glob(f"{base}/{QUARANTINE}/date=*/part-*.parquet")):
+            with fs.open(path, "rb") as f:
+                for reason in pq.read_table(f, columns=["reason"])["reason"].to_pylist():
+                    key = str(reason).split(" '")[0]
+                    reasons[key] = reasons.get(key, 0) + 1
+        return {"uri": self.uri, "events": len(frame), "users": int(frame["user_id"].nunique()),
+                "items": int(frame["item_id"].nunique()), "with_event_id": int(frame[EVENT_ID].notna().sum()),
+                "first_ts": frame["ts"].min().isoformat() if len(frame) else None,
+                "last_ts": frame["ts"].max().isoformat() if len(frame) else None,
+                "event_types": {k: int(v) for k, v in frame["event"].value_counts().sort_index().items()},
+                "received_per_day": days, "quarantined": sum(reasons.values()), "quarantine_reasons": reasons}
+
+    def signature(self) -> tuple[str, ...]:
+        """The names of every part now: it changes when events are appended or a day is compacted (a cheap
+        listing that tells a reader of the whole log when to read it again)."""
+        fs, base = url_to_fs(self.uri)
+        return tuple(sorted(_name(p) for p in fs.glob(f"{base}/date=*/part-*.parquet")))
 
     def recent_keys(self, limit: int) -> list[Key]:
         """The ``(user_id, event_id)`` of the last ``limit`` events appended with an id, oldest first (what an
@@ -361,7 +389,7 @@ def _name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _parse_since(since: str | None) -> pd.Timestamp | None:
+def parse_since(since: str | None) -> pd.Timestamp | None:
     if since is None:
         return None
     try:
@@ -401,6 +429,15 @@ def _fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def is_event_log(uri: str) -> bool:
+    """True when ``uri`` is a folder holding event-log parts (``date=*/part-*.parquet``)."""
+    try:
+        fs, base = url_to_fs(uri.rstrip("/"))
+        return fs.isdir(base) and bool(fs.glob(f"{base}/date=*/part-*.parquet"))
+    except (OSError, ValueError, ImportError):  # not a folder we can list: read as a file, which names the problem
+        return False
 
 
 def read_history(events_uri: str | None, log_uri: str) -> pd.DataFrame | None:

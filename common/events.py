@@ -258,7 +258,12 @@ def _iso_time(value: Any, default: datetime | None) -> pd.Timestamp | None:
 
 
 def load_events(uri: str, known_items: set[str] | None = None) -> EventsValidation:
-    """Read an events file (Parquet, CSV or JSON Lines; local path or URI) and validate it."""
+    """Read an events file (Parquet, CSV or JSON Lines; local path or URI), or the event log the service appends to
+    (a folder of ``date=*/part-*.parquet``, each ``event_id`` once: ``common.event_log``), and validate it."""
+    from common.event_log import EventLog, is_event_log  # the log builds on this module
+
+    if is_event_log(uri):
+        return validate_events(EventLog(uri).read(), known_items)
     return validate_events(read_table(uri), known_items)
 
 

@@ -324,10 +324,12 @@ def _is_local(uri: str) -> bool:
 
 
 def _write_bytes(data: bytes, uri: str) -> None:
-    if _is_local(uri):
+    if _is_local(uri):  # whole or not at all: a temporary file renamed into place
         path = Path(uri.removeprefix("file://"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
         return
     try:
         with fsspec.open(uri, "wb") as f:

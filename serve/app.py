@@ -45,6 +45,10 @@ def build_app(args: ServeConfig | Mapping[str, Any] | None = None) -> Applicatio
         log.warning("events_sink.max_replicas=%d: two replicas of one sink updating one user's session at the same "
                     "moment can lose one update (the event log keeps both events); raise event_shards instead",
                     cfg.events_sink.max_replicas)
+    if not 0 < cfg.history_refresh_s < cfg.session_gap_s:
+        log.warning("history_refresh_s=%s with session_gap_s=%s: items of a session that ended are not excluded "
+                    "(exclude_seen) until the history is read again; keep history_refresh_s above 0 and below "
+                    "session_gap_s", cfg.history_refresh_s, cfg.session_gap_s)
     sinks = [EventSink.options(name=sink_name(i), **cfg.events_sink.options(access_log=access)).bind(cfg)
              for i in range(cfg.event_shards)]
     return Ingress.options(**cfg.ingress.options()).bind(cfg, retriever, reranker, business, sinks)

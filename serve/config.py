@@ -89,6 +89,11 @@ class ServeConfig:
     fields_ttl_s: float = 5.0  # fields (stock, price) read for rules/popular/pinned candidates are reused this long
     user_vector_ttl_s: float = 60.0  # offline user vectors (profile, learned) are reused this long; 0: no cache
     learned_check_s: float = 5.0  # how often the retriever looks for newly trained learned vectors (serve/learned.py)
+    artifacts_check_s: float = 30.0  # how often rules and the "latest" ranker are looked for anew (0: at start only)
+    # How often the retriever and reranker read the event history again when the event log changed (seen and
+    # bought items, latest items, affinities, popularity; 0: at start only). Below session_gap_s, an item of an
+    # ended session is never recommended again: it is in the live session until the history holds it.
+    history_refresh_s: float = 300.0
     host: str = "127.0.0.1"  # HTTP bind address
     port: int = 8000  # HTTP port
     proxy_location: str = "EveryNode"  # HTTP proxies on every node, or "HeadOnly" (several nodes on one machine)
@@ -118,7 +123,7 @@ class ServeConfig:
             raise ConfigError(f"ranker must be 'latest', 'none' or a published version (v...). Got {self.ranker!r}")
         if self.proxy_location not in ("EveryNode", "HeadOnly"):
             raise ConfigError(f"proxy_location must be EveryNode or HeadOnly. Got {self.proxy_location!r}")
-        for name in ("fields_ttl_s", "user_vector_ttl_s", "learned_check_s"):
+        for name in ("fields_ttl_s", "user_vector_ttl_s", "learned_check_s", "artifacts_check_s", "history_refresh_s"):
             if not 0 <= getattr(self, name) <= 86_400:
                 raise ConfigError(f"{name} must be in [0, 86400] seconds. Got {getattr(self, name)!r}")
         if isinstance(self.event_shards, bool) or not isinstance(self.event_shards, int) \
@@ -149,7 +154,8 @@ def config_from_mapping(values: Mapping[str, Any]) -> ServeConfig:
     for name, cast in (("candidates", int), ("recent_items", int), ("port", int), ("search_ef", int),
                        ("event_shards", int), ("dedup_event_ids", int),
                        ("diversity", float), ("session_gap_s", float), ("store_timeout_s", float),
-                       ("fields_ttl_s", float), ("user_vector_ttl_s", float), ("learned_check_s", float)):
+                       ("fields_ttl_s", float), ("user_vector_ttl_s", float), ("learned_check_s", float),
+                       ("artifacts_check_s", float), ("history_refresh_s", float)):
         if isinstance(values.get(name), str):  # `serve run module:build_app key=value` passes strings
             try:
                 values[name] = cast(values[name])

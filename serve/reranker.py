@@ -1,7 +1,8 @@
 """Reranker deployment: the learned ranking model over the retriever's candidates, then diversity (MMR).
 
 Personal recommendations (strategies personal, session, popular) are ordered by the model that
-``vitrine train ranker`` published (``common.ranking.Ranker``), scored in batches across concurrent requests;
+``vitrine train ranker`` published (``common.ranking.Ranker``; a newer one is swapped in within
+``artifacts_check_s`` of its publication), scored in batches across concurrent requests;
 item and query endpoints keep their own source's order (similarity, rule lift, text match). Every result keeps
 the reasons the retriever gave and gains its model score.
 """
@@ -12,10 +13,12 @@ import logging
 import numpy as np
 from ray import serve
 
+from common.artifacts import ArtifactStore, LatestArtifact
 from common.business_rules import Ranked
-from common.event_log import read_history
+from common.event_log import EventLog, read_history
 from common.item_table import ItemTable
-from common.ranking import ItemStats, feature_matrix, load_latest_ranker, mmr
+from common.refresher import Refresher
+from common.ranking import KIND, ItemStats, Ranker, feature_matrix, load_latest_ranker, mmr
 from serve.config import ServeConfig
 from serve.messages import Ranking, Retrieval
 
@@ -30,24 +33,55 @@ PRIMARY = {"similar": ("item", "learned"), "bought_together": ("rules",), "searc
 class Reranker:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
+        self.published: LatestArtifact[Ranker] | None = None  # "latest": newer rankers are swapped in as published
         if cfg.ranker == "none":
             log.warning("ranker=none: personal recommendations are ordered by summed source scores, not a model")
-            self.ranker = None
+            self._pinned: Ranker | None = None
+        elif cfg.ranker == "latest":
+            self._pinned = None
+            artifacts = ArtifactStore(cfg.artifacts_uri)
+            self.published = LatestArtifact(artifacts, KIND, cfg.collection,
+                                            lambda v: Ranker.load(artifacts.path(KIND, cfg.collection, v)),
+                                            cfg.artifacts_check_s)
+            if self.published.value is None:
+                load_latest_ranker(cfg.artifacts_uri, cfg.collection)  # raises NotFoundError naming the fix
         else:
-            self.ranker = load_latest_ranker(cfg.artifacts_uri, cfg.collection,
-                                             None if cfg.ranker == "latest" else cfg.ranker)
-        events = read_history(cfg.events, cfg.event_log)  # the retriever's popularity source too
-        self.stats = ItemStats.from_events(events) if events is not None else ItemStats({}, {})
+            self._pinned = load_latest_ranker(cfg.artifacts_uri, cfg.collection, cfg.ranker)
+        # Popularity and recency features from the event history (the retriever's source too), read again in the
+        # background when the event log changed, at most every history_refresh_s.
+        self.known = Refresher(EventLog(cfg.event_log).signature, self._item_stats, cfg.history_refresh_s,
+                               "reranker item stats")
         self.table = ItemTable.load(cfg.artifacts_uri, cfg.collection, cfg.kind)  # vectors for MMR and features
 
+    def _item_stats(self, _signature: object = None) -> ItemStats:
+        events = read_history(self.cfg.events, self.cfg.event_log)
+        return ItemStats.from_events(events) if events is not None else ItemStats({}, {})
+
+    @property
+    def stats(self) -> ItemStats:
+        return self.known.value
+
+    @property
+    def ranker(self) -> Ranker | None:
+        return self.published.value if self.published is not None else self._pinned
+
     def ready(self) -> dict:
-        return {"ranker": self.ranker.identity if self.ranker else "none"}
+        ranker = self.ranker
+        return {"ranker": ranker.identity if ranker else "none"}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _predict(self, blocks: list[np.ndarray]) -> list[np.ndarray]:
-        sizes = [len(b) for b in blocks]
-        scores = self.ranker.score(np.concatenate(blocks)) if sum(sizes) else np.zeros(0, np.float32)
-        return list(np.split(scores, np.cumsum(sizes)[:-1]))
+    async def _predict(self, work: list[tuple[Ranker, np.ndarray]]) -> list[np.ndarray]:
+        """Scores of each request's feature block, by the ranker that built it (a newer one may have been swapped
+        in since): one model call per ranker in the batch."""
+        out: list[np.ndarray | None] = [None] * len(work)
+        for ranker in {id(r): r for r, _ in work}.values():
+            mine = [i for i, (r, _) in enumerate(work) if r is ranker]
+            blocks = [work[i][1] for i in mine]
+            sizes = [len(b) for b in blocks]
+            scores = ranker.score(np.concatenate(blocks)) if sum(sizes) else np.zeros(0, np.float32)
+            for i, part in zip(mine, np.split(scores, np.cumsum(sizes)[:-1])):
+                out[i] = part
+        return out
 
     async def rank(self, found: Retrieval, k: int | None = None) -> Ranking:
         """All candidates, best first (the business filter cuts to ``k`` after its rules). Diversity (MMR) picks
@@ -60,10 +94,11 @@ class Reranker:
             if c.vector is None:
                 c.vector = self.table.vector(c.item_id)
         if found.strategy in PERSONAL:
-            if self.ranker is not None:
-                scores = await self._predict(feature_matrix(cands, found.context, self.stats,
-                                                            features=self.ranker.features))
-                model = self.ranker.identity
+            ranker = self.ranker
+            if ranker is not None:
+                scores = await self._predict((ranker, feature_matrix(cands, found.context, self.stats,
+                                                                     features=ranker.features)))
+                model = ranker.identity
             else:
                 scores, model = _summed(cands), "summed-scores"
             lam = self.cfg.diversity

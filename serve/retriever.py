@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from common.artifacts import ArtifactStore
+from common.artifacts import ArtifactStore, LatestArtifact
 from common.catalog import read_table
 from common.errors import NotFoundError
-from common.event_log import read_history
+from common.event_log import EventLog, read_history
 from common.events import EventWeights
 from common.item_index import collection_name
 from common.item_table import ItemTable
 from common.ranking import AffinitySums, Candidate, ItemStats, UserContext, affinity_sums, merge_candidates
+from common.refresher import Refresher
 from common.rules import BoughtTogether
 from common.session_store import Session, SessionStore
 from common.ttl_cache import TtlRows
@@ -46,6 +48,16 @@ def sessions_collection(base: str) -> str:
     return f"{base}_sessions"
 
 
+@dataclass(frozen=True)
+class Known:
+    """What the event history (offline file + event log) says, swapped in whole when it is read again."""
+
+    history: UserHistory
+    stats: ItemStats
+    affinity: Mapping[str, AffinitySums]
+    events: int  # events read
+
+
 @serve.deployment
 class Retriever:
     def __init__(self, cfg: ServeConfig, text_encoder: DeploymentHandle | None = None) -> None:
@@ -60,16 +72,13 @@ class Retriever:
                                      gap_seconds=cfg.session_gap_s)
         self.fresh_read_ms = self._probe_fresh_reads() if cfg.fresh_sessions else None
         self.table = ItemTable.load(cfg.artifacts_uri, cfg.collection, cfg.kind)
-        events = self._events()
-        users = read_table(cfg.users).to_pandas() if cfg.users and events is not None else None
-        self.history = UserHistory.from_events(events, users) if events is not None else UserHistory()
-        # The ranker's features are computed as in training (jobs/train_ranker): popularity from ItemStats and
-        # affinities from the user's whole positive history (common.ranking.user_context, here as per-user sums
-        # computed for every known user at once, to which a live session's views are added per request).
-        self.stats = ItemStats.from_events(events) if events is not None else ItemStats({}, {})
-        self.affinity = affinity_sums(events, self.table.fields) if events is not None else {}
+        self.users = read_table(cfg.users).to_pandas() if cfg.users else None
+        # What the event history says (seen items, latest items, segments, popularity, affinities), read again in
+        # the background whenever the event log changed, at most every history_refresh_s.
+        self.known = Refresher(EventLog(cfg.event_log).signature, self._read_history, cfg.history_refresh_s,
+                               "retriever history")
         self.view_weight = EventWeights().events["view"]
-        self.rules = self._load_rules()
+        self.published_rules = self._watch_rules()
         self.learned = LearnedModels(self.store, cfg.collection, check_s=cfg.learned_check_s)
         self.profiles = f"{cfg.collection}_users_{PROFILE_KIND}"
         self.has_profiles = self.store.has_collection(self.profiles)
@@ -77,28 +86,53 @@ class Retriever:
         self.user_vectors = TtlRows(cfg.user_vector_ttl_s)  # (collection, user id) -> offline vector or None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="retriever-io")
         log.info("retriever ready: %d items, %d known users, rules=%s, learned=%s, profiles=%s", len(self.table.ids),
-                 len(self.history.seen), self.rules is not None, [v.model for v in self.learned.current()],
+                 len(self.history.seen), self.published_rules.version, [v.model for v in self.learned.current()],
                  self.has_profiles)
 
     # ---- start-up -------------------------------------------------------------------------------------------
-    def _events(self) -> pd.DataFrame | None:
+    def _read_history(self, _signature: object = None) -> Known:
         events = read_history(self.cfg.events, self.cfg.event_log)
         if events is None:
             log.warning("no events file and an empty event log: no history, popularity from nothing")
-        return events
+            return Known(UserHistory(), ItemStats({}, {}), {}, 0)
+        # The ranker's features are computed as in training (jobs/train_ranker): popularity from ItemStats and
+        # affinities from the user's whole positive history (common.ranking.user_context, here as per-user sums
+        # computed for every known user at once, to which a live session's views are added per request).
+        return Known(UserHistory.from_events(events, self.users), ItemStats.from_events(events),
+                     affinity_sums(events, self.table.fields), len(events))
 
-    def _load_rules(self) -> BoughtTogether | None:
+    @property
+    def history(self) -> UserHistory:
+        return self.known.value.history
+
+    @property
+    def stats(self) -> ItemStats:
+        return self.known.value.stats
+
+    @property
+    def affinity(self) -> Mapping[str, AffinitySums]:
+        return self.known.value.affinity
+
+    def _watch_rules(self) -> LatestArtifact[BoughtTogether]:
+        """The latest published rules, swapped for newer ones as ``vitrine rules`` publishes them."""
         artifacts = ArtifactStore(self.cfg.artifacts_uri)
-        version = artifacts.latest("rules", self.cfg.collection)
-        if version is None:
-            log.warning("no published rules for %r: bought-together falls back to nothing; run `vitrine rules`",
-                        self.cfg.collection)
-            return None
-        return BoughtTogether.load(artifacts.path("rules", self.cfg.collection, version))
+        rules = LatestArtifact(artifacts, "rules", self.cfg.collection,
+                               lambda version: BoughtTogether.load(artifacts.path("rules", self.cfg.collection,
+                                                                                  version)),
+                               self.cfg.artifacts_check_s)
+        if rules.value is None:
+            log.warning("no published rules for %r: bought-together falls back to co-occurrence and popularity "
+                        "until `vitrine rules` publishes some", self.cfg.collection)
+        return rules
+
+    @property
+    def rules(self) -> BoughtTogether | None:
+        return self.published_rules.value
 
     def ready(self) -> dict[str, Any]:
         items = self.store.count(self.content)  # raises StoreUnavailableError when Milvus is down
-        return {"items": items, "users": len(self.history.seen), "rules": self.rules is not None,
+        return {"items": items, "users": len(self.history.seen), "rules": self.published_rules.version,
+                "history": {"events": self.known.value.events, "refreshes": self.known.refreshes},
                 "learned": {v.model: v.version for v in self.learned.current()}, "profiles": self.has_profiles,
                 "snapshot": self.table.version,
                 "caches": {"item_fields": self.item_fields.stats(), "user_vectors": self.user_vectors.stats()},
@@ -178,10 +212,11 @@ class Retriever:
             return None
 
     def _rules(self, seeds: list[str], n: int, exclude: list[str]) -> list[Candidate]:
-        if self.rules is None or not seeds:
+        rules = self.rules
+        if rules is None or not seeds:
             return []
         out = []
-        for r in self.rules.recommend(seeds, n, exclude=exclude):
+        for r in rules.recommend(seeds, n, exclude=exclude):
             if r.lift is None:
                 continue  # co-occurrence and popularity fallbacks are other sources' business
             c = Candidate(r.item_id)
@@ -228,7 +263,8 @@ class Retriever:
         order of ``BoughtTogether.recommend``, whose score ranks the three kinds; each reason says which."""
         self._require_item(item_id)
         cands = []
-        for r in (self.rules.recommend([item_id], n) if self.rules is not None else []):
+        rules = self.rules
+        for r in (rules.recommend([item_id], n) if rules is not None else []):
             c = Candidate(r.item_id)
             if r.lift is not None:
                 reason = {"source": "rules", "because": list(r.because), "lift": round(r.lift, 3), "rule": r.reason}

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from common.errors import VitrineError
+from common.errors import ConfigError, VitrineError
 
 log = logging.getLogger("vitrine")
 
@@ -124,6 +124,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from common.config import resolve_uri
+    from common.event_log import EventLog, is_event_log
+    from serve.config import default_event_log
+
+    log_uri = resolve_uri(args.log) if args.log else default_event_log()
+    if args.action == "export":
+        from common.event_export import export_events
+
+        if not args.out:
+            raise ConfigError("events export needs --out FILE (.parquet, .csv or .jsonl)")
+        files = [resolve_uri(f) for f in args.events or []]
+        print(export_events(resolve_uri(args.out), None if args.no_log else log_uri, files, args.since).summary())
+        return 0
+    if not is_event_log(log_uri):
+        raise ConfigError(f"{log_uri} holds no event log parts (date=*/part-*.parquet): nothing was appended there")
+    if args.action == "compact":
+        print(json.dumps({"log": log_uri, "parts_removed": EventLog(log_uri).compact()}))
+    else:
+        print(json.dumps(EventLog(log_uri).stats(), indent=1))
+    return 0
+
+
+def _events_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["stats", "compact", "export"],
+                   help="stats: what the log holds; compact: merge past days' parts (one compaction at a time); "
+                        "export: offline files + the log as one events file for the learning jobs")
+    p.add_argument("--log", help="the service's event log (default: var/events)")
+    p.add_argument("--events", action="append", metavar="FILE",
+                   help="export: an offline events file to include (repeatable), e.g. data/sample/events.parquet")
+    p.add_argument("--out", help="export: the events file to write (.parquet, .csv or .jsonl)")
+    p.add_argument("--since", help="export: only events at or after this ISO-8601 time (UTC when naive)")
+    p.add_argument("--no-log", action="store_true", help="export: the files only, without the event log")
+    p.set_defaults(func=cmd_events)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from vitrine.submit import submit
 
@@ -214,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=lambda a: evaluate.run_and_print(a))
 
     _serve_args(sub.add_parser("serve", help="run the recommendation service (Ray Serve graph over HTTP)"))
+    _events_args(sub.add_parser("events", help="the service's event log: stats, compaction, export for retraining"))
     _submit_args(sub.add_parser("submit", help="submit a batch job to a Ray cluster and follow it to the end"))
 
     milvus = sub.add_parser("milvus", help="the embedded Milvus Lite server behind a store folder")

@@ -74,7 +74,8 @@ def serve_config(shop, **overrides):
     values = dict(collection=BASE, store_uri=shop["store"], artifacts_uri=shop["artifacts"],
                   events=str(shop["tmp"] / "events.parquet"), users=str(shop["tmp"] / "users.parquet"),
                   event_log=str(shop["tmp"] / "event_log"), candidates=30, port=free_port(), ingress=one,
-                  retriever=one, reranker=one, business_filter=one, events_sink=one, text_encoder=one)
+                  retriever=one, reranker=one, business_filter=one, events_sink=one, text_encoder=one,
+                  artifacts_check_s=1.0, history_refresh_s=1.0)
     values.update(overrides)
     return ServeConfig(**values)
 
