@@ -567,8 +567,10 @@ class MilvusStore:
         """Top-``k`` of ``name`` among the ids whose row in the collection ``on`` passes ``filter``: for vectors
         kept apart from the catalogue's fields (a learned model's item vectors), filtered by the catalogue as it is
         now. A few matching rows (at most EXACT_FILTER_ROWS) are searched by id; otherwise ``name`` is searched for
-        twice ``k`` over the filter's share of ``on`` (at most MAX_TOP_K) and the hits are checked against ``on``
-        in one query, so a query may come back with fewer than ``k`` hits."""
+        twice ``k`` over the filter's share of ``on`` and the hits are checked against ``on`` in one query. A query
+        left with fewer than ``k`` admitted hits (its neighbourhood is poor in matching rows) is searched again
+        for four times as many, until it has ``k``, the collection has no more rows, or MAX_TOP_K was fetched;
+        only then can it come back short."""
         if not (filter or "").strip():
             return self.search(name, vectors, k, None, exclude_ids)
         self._before_read(on)
@@ -581,9 +583,20 @@ class MilvusStore:
                                                             sent_filter=filter)]
             return self.search(name, vectors, k, ids_filter(ids), exclude_ids)
         total = max(matches, self._cached_count(on, ""))
-        results = self.search(name, vectors, min(MAX_TOP_K, -(-2 * k * total // matches)), None, exclude_ids)
-        admitted = self._admitted(on, list(dict.fromkeys(h.item_id for hits in results for h in hits)), filter)
-        return [[h for h in hits if h.item_id in admitted][:k] for hits in results]
+        vectors = np.atleast_2d(vectors)
+        fetch = min(MAX_TOP_K, -(-2 * k * total // matches))
+        out: list[list[Hit]] = [[] for _ in range(len(vectors))]
+        pending = list(range(len(vectors)))
+        while pending:
+            results = self.search(name, vectors[pending], fetch, None, exclude_ids)
+            admitted = self._admitted(on, list(dict.fromkeys(h.item_id for hits in results for h in hits)), filter)
+            short = []
+            for i, hits in zip(pending, results):
+                out[i] = [h for h in hits if h.item_id in admitted][:k]
+                if len(out[i]) < k and len(hits) == fetch and fetch < MAX_TOP_K:  # more rows may match further out
+                    short.append(i)
+            pending, fetch = short, min(MAX_TOP_K, 4 * fetch)
+        return out
 
     def _admitted(self, name: str, ids: list[str], filter: str, chunk: int = 1000) -> set[str]:
         """The ids among ``ids`` whose row in ``name`` passes ``filter``."""

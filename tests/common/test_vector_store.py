@@ -367,6 +367,30 @@ def test_search_where_filters_other_vectors_by_the_catalogue(store, catalog, exp
         store.drop_collection(learned.name)
 
 
+def test_search_where_searches_further_when_the_neighbourhood_is_poor_in_matches(store):
+    """A filter keeping 400 of 1,000 items, all of them far from the query: the first over-fetch (50) admits none,
+    so the search widens (200, then 800) until it has k, and equals filtered brute force."""
+    dim, rng = 8, np.random.default_rng(5)
+    axis = np.eye(dim, dtype=np.float32)[0]
+    near = axis + 0.1 * rng.standard_normal((600, dim)).astype(np.float32)
+    far = -axis + 0.5 * rng.standard_normal((400, dim)).astype(np.float32)
+    vectors = np.concatenate([near, far])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = [{"item_id": f"w{i}", "category": "A" if i < 600 else "B"} for i in range(1000)]
+    on = CollectionSpec(f"t{next(_names)}", dim, "catalogue", {"category": "str"}, "FLAT")
+    learned = CollectionSpec(f"t{next(_names)}", dim, "learned", {}, "FLAT")
+    for spec in (on, learned):
+        store.ensure_collection(spec)
+    try:
+        store.upsert(on.name, [{**r, "vector": v} for r, v in zip(rows, vectors)])
+        store.upsert(learned.name, [{"item_id": r["item_id"], "vector": v} for r, v in zip(rows, vectors)])
+        [hits] = store.search_where(learned.name, axis[None, :], 10, 'category == "B"', on=on.name)
+        assert [h.item_id for h in hits] == _brute_force(vectors, rows, axis, 10, lambda r: r["category"] == "B")
+    finally:
+        for spec in (on, learned):
+            store.drop_collection(spec.name)
+
+
 @pytest.mark.parametrize("expr", ['category === "Bag"', "colour == 1", 'price < "x"', "price <"])
 def test_bad_filter_raises_filter_error(store, catalog, expr):
     with pytest.raises(FilterError) as caught:
