@@ -26,14 +26,16 @@ twice. Run one compaction at a time (a scheduled job), beside any number of appe
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import fsspec
@@ -250,23 +252,41 @@ class EventLog:
 
     # ------------------------------------------------------------------------------------------ compact
 
-    def compact(self) -> int:
-        """Merge the parts of each past day (UTC) into one part; returns how many parts were removed."""
+    def compact(self, older_than_s: float | None = None) -> int:
+        """Merge the parts of each past day (UTC) into one part; returns how many parts were removed.
+
+        With ``older_than_s``, today's parts written at least that long ago are merged too (a busy service writes a
+        part per ``POST /events``: compacting every few minutes keeps the count of files readers list and open
+        small). Appends go on beside a compaction: it merges only the parts it listed. A merged part lists every
+        part it replaces, those of the compacted parts it merged included, so no crash between writing it and
+        deleting them can show an event twice."""
+        if older_than_s is not None and (isinstance(older_than_s, bool) or not older_than_s >= 0):
+            raise ConfigError(f"older_than_s must be a number of seconds >= 0. Got {older_than_s!r}")
         fs, base = url_to_fs(self.uri)
-        today = self._clock().astimezone(timezone.utc).strftime("%Y-%m-%d")
+        with _compaction_lock(fs, base) as held:
+            if not held:
+                log.info("event log %s: another compaction is running; skipped", self.uri)
+                return 0
+            return self._compact(fs, base, older_than_s)
+
+    def _compact(self, fs: fsspec.AbstractFileSystem, base: str, older_than_s: float | None) -> int:
+        now = self._clock().astimezone(timezone.utc)
+        today = now.strftime("%Y-%m-%d")
+        cutoff = None if older_than_s is None else (now - timedelta(seconds=older_than_s)).strftime("%Y%m%dT%H%M%S%fZ")
         days = sorted(p.rsplit("date=", 1)[1] for p in fs.glob(f"{base}/date=*") if fs.isdir(p))
         removed = 0
-        for day in (d for d in days if d < today):
+        for day in (d for d in days if d < today or (cutoff is not None and d == today)):
             every = sorted(fs.glob(f"{base}/date={day}/part-*.parquet"))
             live = self._live_parts(day)
             stale = [p for p in every if p not in {q for q, _ in live}]  # replaced but not yet deleted
+            if day == today:  # only the parts old enough; the others are still being appended beside
+                live = [(p, t) for p, t in live if _stamp(p) <= cutoff]
             if len(live) > 1:
                 merged = pa.concat_tables([t for _, t in live])
                 merged = merged.take(pc.sort_indices(merged, sort_keys=[("ts", "ascending")]))  # stable
-                replaces = json.dumps([_name(p) for p, _ in live]).encode()
-                merged = merged.replace_schema_metadata({REPLACES_KEY: replaces})
-                name = _part_name(self._clock().astimezone(timezone.utc))
-                _write_durable(fs, merged, f"{base}/date={day}/{name}")
+                replaces = sorted({_name(p) for p, _ in live} | {r for p, _ in live for r in _replaces(fs, p)})
+                merged = merged.replace_schema_metadata({REPLACES_KEY: json.dumps(replaces).encode()})
+                _write_durable(fs, merged, f"{base}/date={day}/{_part_name(now)}")
                 stale += [p for p, _ in live]
             for path in stale:
                 fs.rm(path)
@@ -379,6 +399,39 @@ def _conformed(table: pa.Table, path: str) -> pa.Table:
     if EVENT_ID not in table.column_names:  # written before events had ids
         table = table.append_column(EVENT_ID, pa.nulls(len(table), pa.string()))
     return table.select(LOG_SCHEMA.names).cast(LOG_SCHEMA).replace_schema_metadata(None)
+
+
+@contextmanager
+def _compaction_lock(fs: fsspec.AbstractFileSystem, base: str) -> Iterator[bool]:
+    """Yields whether this process may compact: on a local log an exclusive lock file (two compactions at once
+    would each merge the same parts and show their events twice); on an object store, True (one scheduled
+    compactor: the first event sink, or `vitrine events compact`)."""
+    if not isinstance(fs, LocalFileSystem):
+        yield True
+        return
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, ".compact.lock"), "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _stamp(path: str) -> str:
+    """The UTC time a part was written, as in its name (``part-<stamp>-<uuid8>.parquet``)."""
+    return _name(path).split("-")[1]
+
+
+def _replaces(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The part names a compacted part lists as replaced (none for an appended part)."""
+    with fs.open(path, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    return json.loads(meta[REPLACES_KEY]) if REPLACES_KEY in meta else []
 
 
 def _part_name(now: datetime) -> str:

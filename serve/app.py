@@ -49,8 +49,8 @@ def build_app(args: ServeConfig | Mapping[str, Any] | None = None) -> Applicatio
         log.warning("history_refresh_s=%s with session_gap_s=%s: items of a session that ended are not excluded "
                     "(exclude_seen) until the history is read again; keep history_refresh_s above 0 and below "
                     "session_gap_s", cfg.history_refresh_s, cfg.session_gap_s)
-    sinks = [EventSink.options(name=sink_name(i), **cfg.events_sink.options(access_log=access)).bind(cfg)
-             for i in range(cfg.event_shards)]
+    sinks = [EventSink.options(name=sink_name(i), **cfg.events_sink.options(access_log=access)).bind(cfg, i == 0)
+             for i in range(cfg.event_shards)]  # the first sink also compacts the event log
     return Ingress.options(**cfg.ingress.options()).bind(cfg, retriever, reranker, business, sinks)
 
 

@@ -12,6 +12,7 @@ the same moment (each would read the session and overwrite the other's update)."
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @serve.deployment
 class EventSink:
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, cfg: ServeConfig, compacts: bool = False) -> None:
         self.store = open_store(cfg.store_uri, connect_timeout=cfg.store_timeout_s,
                                 call_timeout=cfg.store_timeout_s, search_ef=cfg.search_ef)
         self.content = collection_name(cfg.collection, cfg.kind)
@@ -43,6 +44,20 @@ class EventSink:
         self.recent = RecentSet(cfg.dedup_event_ids)
         self.recent.add(self.log.recent_keys(cfg.dedup_event_ids))
         self._users = StripedLocks()
+        self._stop = threading.Event()
+        if compacts and cfg.compact_events_s > 0:  # one compactor for the log (the first sink, a single replica)
+            threading.Thread(target=self._compact, args=(cfg.compact_events_s,), name="compact-event-log",
+                             daemon=True).start()
+
+    def _compact(self, every_s: float) -> None:
+        """Merge the log's parts older than ``every_s`` every ``every_s`` seconds, beside the appends."""
+        while not self._stop.wait(every_s):
+            try:
+                removed = self.log.compact(older_than_s=every_s)
+                if removed:
+                    log.info("event log compacted: %d part(s) merged", removed)
+            except Exception as e:  # noqa: BLE001 - a failed compaction leaves the log as it was; try again later
+                log.warning("event log compaction failed (%s: %s); next try in %.0f s", type(e).__name__, e, every_s)
 
     def append(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Validate + append durably, then update sessions. Returns counts, rejections, the batch positions of

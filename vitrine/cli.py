@@ -141,7 +141,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     if not is_event_log(log_uri):
         raise ConfigError(f"{log_uri} holds no event log parts (date=*/part-*.parquet): nothing was appended there")
     if args.action == "compact":
-        print(json.dumps({"log": log_uri, "parts_removed": EventLog(log_uri).compact()}))
+        print(json.dumps({"log": log_uri, "parts_removed": EventLog(log_uri).compact(args.older_than)}))
     else:
         print(json.dumps(EventLog(log_uri).stats(), indent=1))
     return 0
@@ -157,6 +157,8 @@ def _events_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="export: the events file to write (.parquet, .csv or .jsonl)")
     p.add_argument("--since", help="export: only events at or after this ISO-8601 time (UTC when naive)")
     p.add_argument("--no-log", action="store_true", help="export: the files only, without the event log")
+    p.add_argument("--older-than", type=float, metavar="SECONDS",
+                   help="compact: today's parts written at least this long ago too (default: past days only)")
     p.set_defaults(func=cmd_events)
 
 

@@ -1,6 +1,7 @@
 """The durable event log: round trip, quarantine with reasons, concurrent appenders, crash leftovers, compaction."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -160,6 +161,55 @@ def test_compact_merges_past_days_only_and_read_is_unchanged(tmp_path):
     assert log.compact() == 0  # idempotent
 
 
+def test_compacting_today_merges_only_parts_old_enough_and_again_later(tmp_path):
+    now = {"t": T0}
+    log = EventLog(str(tmp_path / "log"), clock=lambda: now["t"])
+    for k in range(4):  # parts written at T0, T0 + 1 min, ...
+        now["t"] = T0 + timedelta(minutes=k)
+        log.append(_with_ids(_events(2, start=2 * k), prefix=f"p{k}-"))
+    before = log.read()
+    now["t"] = T0 + timedelta(minutes=3, seconds=30)
+    assert log.compact() == 0  # today is left alone by default
+    assert log.compact(older_than_s=60) == 3  # the parts of T0 .. T0 + 2 min; the one of T0 + 3 min stays
+    assert len(_parts(tmp_path / "log")) == 2
+    pd.testing.assert_frame_equal(log.read(), before)
+    now["t"] = T0 + timedelta(minutes=10)
+    log.append(_with_ids(_events(2, start=20), prefix="late-"))
+    now["t"] = T0 + timedelta(minutes=20)
+    merged_once = {p.name for p in _parts(tmp_path / "log")}
+    assert log.compact(older_than_s=60) == 3  # the merged part, the T0 + 3 min part and the late one
+    [final] = _parts(tmp_path / "log")
+    replaces = set(json.loads(pq.read_schema(final).metadata[b"vitrine.replaces"]))
+    assert merged_once < replaces and len(replaces) == 6  # every part it stands for, the first merge's included
+    assert len(log.read()) == len(before) + 2
+    with pytest.raises(ConfigError, match="older_than_s"):
+        log.compact(older_than_s=-1)
+
+
+def test_a_crash_after_a_second_compaction_never_shows_an_event_twice(tmp_path):
+    now = {"t": T0}
+    log = EventLog(str(tmp_path / "log"), clock=lambda: now["t"])
+    originals = []
+    for k in range(2):
+        now["t"] = T0 + timedelta(minutes=k)
+        originals.append(Path(log.append(_events(2, start=2 * k)).part))
+    saved = {p: p.read_bytes() for p in originals}
+    now["t"] = T0 + timedelta(minutes=5)
+    log.compact(older_than_s=60)
+    now["t"] = T0 + timedelta(minutes=6)
+    log.append(_events(1, start=9))
+    now["t"] = T0 + timedelta(minutes=8)
+    first_merge = _parts(tmp_path / "log")[0]
+    first_bytes = first_merge.read_bytes()
+    log.compact(older_than_s=60)
+    # as if that second compaction died after writing, before deleting: its inputs and the originals are back
+    for p, data in {**saved, first_merge: first_bytes}.items():
+        p.write_bytes(data)
+    assert len(log.read()) == 5
+    first_merge.unlink()  # even once the first merge is deleted, the originals it replaced stay hidden
+    assert len(log.read()) == 5
+
+
 def test_read_skips_parts_a_crashed_compaction_replaced(tmp_path):
     now = {"t": T0}
     log = EventLog(str(tmp_path / "log"), clock=lambda: now["t"])
@@ -258,3 +308,17 @@ def test_recent_keys_are_the_newest_ids_oldest_first_across_days_and_compaction(
     assert log.recent_keys(5) == everything[-5:]
     assert log.compact() == 4  # the two past days merged (ts order = append order here)
     assert log.recent_keys(100) == everything and log.recent_keys(0) == []
+
+
+def test_a_second_compaction_at_the_same_time_is_skipped(tmp_path):
+    import fcntl
+
+    now = {"t": T0}
+    log = EventLog(str(tmp_path / "log"), clock=lambda: now["t"])
+    for k in range(2):
+        log.append(_events(1, start=k))
+    now["t"] = T0 + timedelta(days=1)
+    with open(tmp_path / "log" / ".compact.lock", "a") as held:  # another process is compacting
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert log.compact() == 0 and len(_parts(tmp_path / "log")) == 2
+    assert log.compact() == 2

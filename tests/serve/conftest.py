@@ -75,7 +75,7 @@ def serve_config(shop, **overrides):
                   events=str(shop["tmp"] / "events.parquet"), users=str(shop["tmp"] / "users.parquet"),
                   event_log=str(shop["tmp"] / "event_log"), candidates=30, port=free_port(), ingress=one,
                   retriever=one, reranker=one, business_filter=one, events_sink=one, text_encoder=one,
-                  artifacts_check_s=1.0, history_refresh_s=1.0)
+                  artifacts_check_s=1.0, history_refresh_s=1.0, compact_events_s=2.0)
     values.update(overrides)
     return ServeConfig(**values)
 

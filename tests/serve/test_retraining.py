@@ -75,3 +75,38 @@ def test_events_reach_the_history_so_an_ended_sessions_purchase_stays_excluded(s
     assert body["strategy"] == "personal", body
     assert bought not in [x["item_id"] for x in body["items"]]
     assert any(x.get("because") == bought for r in body["items"] for x in r["reasons"] if x["source"] == "item")
+
+
+def test_the_first_sink_compacts_the_event_log_beside_the_appends(service):
+    """Every test's events are appended while the first sink merges parts older than compact_events_s (2 s here):
+    merged parts appear, and the log reads the same events as before they were merged."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from common.event_log import REPLACES_KEY, EventLog
+
+    url, cfg = service["url"], service["cfg"]
+    user = f"compact-{uuid.uuid4().hex[:8]}"
+    items = service["shop"]["items"]["item_id"].tolist()
+    for n in range(6):  # six parts
+        r = requests.post(f"{url}/events", timeout=60, json={"events": [
+            {"user_id": user, "item_id": items[n], "event": "view", "event_id": f"c{n}"}]})
+        assert r.status_code == 200
+    log = EventLog(cfg.event_log)
+    deadline = time.monotonic() + 60
+
+    def merged_mine() -> bool:  # a merged part (it lists the parts it replaces) holding this user's six events
+        for path in Path(cfg.event_log).glob("date=*/part-*.parquet"):
+            meta = pq.read_schema(path).metadata or {}
+            if REPLACES_KEY in meta and len(json.loads(meta[REPLACES_KEY])) >= 6 \
+                    and pq.read_table(path, columns=["user_id"])["user_id"].to_pylist().count(user) == 6:
+                return True
+        return False
+
+    while not merged_mine():
+        assert time.monotonic() < deadline, "the sink did not compact the log"
+        time.sleep(0.5)
+    logged = log.read()
+    assert sorted(logged.loc[logged["user_id"] == user, "event_id"]) == [f"c{n}" for n in range(6)]
