@@ -172,14 +172,7 @@ class EventLog:
         time, UTC when naive), in time order (ties keep append order), each ``(user_id, event_id)`` once (the first
         appended); an empty frame with those columns when there is none."""
         start = parse_since(since)
-        for _ in range(_READ_ATTEMPTS):
-            try:
-                tables = [t for _, t in self._live_parts()]
-                break
-            except FileNotFoundError:  # a compaction removed a listed part after writing its replacement
-                continue
-        else:
-            raise SchemaError(f"event log {self.uri}: parts kept disappearing while reading; is a compaction looping?")
+        tables = [t for _, t in self._live_parts()]
         if not tables:
             return LOG_SCHEMA.empty_table().to_pandas()
         frame = pa.concat_tables(tables).to_pandas()
@@ -237,6 +230,14 @@ class EventLog:
 
     def _live_parts(self, day: str | None = None) -> list[tuple[str, pa.Table]]:
         """(path, table) of the parts not replaced by a compacted part, in name order (day, then time)."""
+        for _ in range(_READ_ATTEMPTS):
+            try:
+                return self._list_live(day)
+            except FileNotFoundError:  # a compaction removed a listed part after writing its replacement
+                continue
+        raise SchemaError(f"event log {self.uri}: parts kept disappearing while reading; is a compaction looping?")
+
+    def _list_live(self, day: str | None) -> list[tuple[str, pa.Table]]:
         fs, base = url_to_fs(self.uri)
         pattern = f"{base}/date={day or '*'}/part-*.parquet"
         parts: list[tuple[str, pa.Table]] = []
@@ -255,11 +256,12 @@ class EventLog:
     def compact(self, older_than_s: float | None = None) -> int:
         """Merge the parts of each past day (UTC) into one part; returns how many parts were removed.
 
-        With ``older_than_s``, today's parts written at least that long ago are merged too (a busy service writes a
-        part per ``POST /events``: compacting every few minutes keeps the count of files readers list and open
-        small). Appends go on beside a compaction: it merges only the parts it listed. A merged part lists every
-        part it replaces, those of the compacted parts it merged included, so no crash between writing it and
-        deleting them can show an event twice."""
+        With ``older_than_s``, today's appended parts written at least that long ago are merged too, into one new
+        part per compaction (a busy service writes a part per ``POST /events``: compacting every few minutes keeps
+        the count of files readers list and open small, and each event is rewritten at most twice: into one of
+        today's merged parts, then into its day's part). Appends go on beside a compaction: it merges only the
+        parts it listed. A merged part lists every part it replaces, those of the merged parts it merged included,
+        so no crash between writing it and deleting them can show an event twice."""
         if older_than_s is not None and (isinstance(older_than_s, bool) or not older_than_s >= 0):
             raise ConfigError(f"older_than_s must be a number of seconds >= 0. Got {older_than_s!r}")
         fs, base = url_to_fs(self.uri)
@@ -276,15 +278,20 @@ class EventLog:
         days = sorted(p.rsplit("date=", 1)[1] for p in fs.glob(f"{base}/date=*") if fs.isdir(p))
         removed = 0
         for day in (d for d in days if d < today or (cutoff is not None and d == today)):
-            every = sorted(fs.glob(f"{base}/date={day}/part-*.parquet"))
-            live = self._live_parts(day)
-            stale = [p for p in every if p not in {q for q, _ in live}]  # replaced but not yet deleted
-            if day == today:  # only the parts old enough; the others are still being appended beside
-                live = [(p, t) for p, t in live if _stamp(p) <= cutoff]
+            parts = _catalogue(fs, f"{base}/date={day}")
+            replaced = {r for _, rs in parts for r in rs}
+            live = [(p, rs) for p, rs in parts if _name(p) not in replaced]
+            stale = [p for p, _ in parts if _name(p) in replaced]  # replaced but not yet deleted
+            if day == today:  # appended parts old enough (younger ones are still arriving; today's merged parts
+                live = [(p, rs) for p, rs in live if not rs and _stamp(p) <= cutoff]  # wait for the day's end)
             if len(live) > 1:
-                merged = pa.concat_tables([t for _, t in live])
+                tables = []
+                for path, _ in live:
+                    with fs.open(path, "rb") as f:
+                        tables.append(_conformed(pq.read_table(f), path))
+                merged = pa.concat_tables(tables)
                 merged = merged.take(pc.sort_indices(merged, sort_keys=[("ts", "ascending")]))  # stable
-                replaces = sorted({_name(p) for p, _ in live} | {r for p, _ in live for r in _replaces(fs, p)})
+                replaces = sorted({_name(p) for p, _ in live} | {r for _, rs in live for r in rs})
                 merged = merged.replace_schema_metadata({REPLACES_KEY: json.dumps(replaces).encode()})
                 _write_durable(fs, merged, f"{base}/date={day}/{_part_name(now)}")
                 stale += [p for p, _ in live]
@@ -427,11 +434,14 @@ def _stamp(path: str) -> str:
     return _name(path).split("-")[1]
 
 
-def _replaces(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """The part names a compacted part lists as replaced (none for an appended part)."""
-    with fs.open(path, "rb") as f:
-        meta = pq.read_schema(f).metadata or {}
-    return json.loads(meta[REPLACES_KEY]) if REPLACES_KEY in meta else []
+def _catalogue(fs: fsspec.AbstractFileSystem, folder: str) -> list[tuple[str, list[str]]]:
+    """(path, the part names it replaces) of every part in ``folder``, in name order: a metadata read per part."""
+    out = []
+    for path in sorted(fs.glob(f"{folder}/part-*.parquet")):
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+        out.append((path, json.loads(meta[REPLACES_KEY]) if REPLACES_KEY in meta else []))
+    return out
 
 
 def _part_name(now: datetime) -> str:

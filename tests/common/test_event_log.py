@@ -176,17 +176,21 @@ def test_compacting_today_merges_only_parts_old_enough_and_again_later(tmp_path)
     now["t"] = T0 + timedelta(minutes=10)
     log.append(_with_ids(_events(2, start=20), prefix="late-"))
     now["t"] = T0 + timedelta(minutes=20)
-    merged_once = {p.name for p in _parts(tmp_path / "log")}
-    assert log.compact(older_than_s=60) == 3  # the merged part, the T0 + 3 min part and the late one
+    first = {p.name for p in _parts(tmp_path / "log")}
+    assert log.compact(older_than_s=60) == 2  # the T0 + 3 min part and the late one; today's merged part waits
+    assert len(_parts(tmp_path / "log")) == 2
+    now["t"] = T0 + timedelta(days=1)
+    assert log.compact() == 2  # the day is over: its two merged parts become one
     [final] = _parts(tmp_path / "log")
     replaces = set(json.loads(pq.read_schema(final).metadata[b"vitrine.replaces"]))
-    assert merged_once < replaces and len(replaces) == 6  # every part it stands for, the first merge's included
+    assert len(replaces) == 7 and {n for n in first if n in replaces}  # 5 appended + 2 merged parts, all listed
+    pd.testing.assert_frame_equal(log.read().iloc[:len(before)], before)
     assert len(log.read()) == len(before) + 2
     with pytest.raises(ConfigError, match="older_than_s"):
         log.compact(older_than_s=-1)
 
 
-def test_a_crash_after_a_second_compaction_never_shows_an_event_twice(tmp_path):
+def test_a_crash_after_merging_merged_parts_never_shows_an_event_twice(tmp_path):
     now = {"t": T0}
     log = EventLog(str(tmp_path / "log"), clock=lambda: now["t"])
     originals = []
@@ -198,11 +202,12 @@ def test_a_crash_after_a_second_compaction_never_shows_an_event_twice(tmp_path):
     log.compact(older_than_s=60)
     now["t"] = T0 + timedelta(minutes=6)
     log.append(_events(1, start=9))
-    now["t"] = T0 + timedelta(minutes=8)
-    first_merge = _parts(tmp_path / "log")[0]
+    first_merge = next(p for p in _parts(tmp_path / "log") if p not in originals and p.stat().st_size and
+                       b"vitrine.replaces" in (pq.read_schema(p).metadata or {}))
     first_bytes = first_merge.read_bytes()
-    log.compact(older_than_s=60)
-    # as if that second compaction died after writing, before deleting: its inputs and the originals are back
+    now["t"] = T0 + timedelta(days=1)
+    log.compact()  # the day's merged part and its last appended part become one
+    # as if that compaction died after writing, before deleting: its inputs and the originals are back
     for p, data in {**saved, first_merge: first_bytes}.items():
         p.write_bytes(data)
     assert len(log.read()) == 5

@@ -79,8 +79,7 @@ def test_events_reach_the_history_so_an_ended_sessions_purchase_stays_excluded(s
 
 def test_the_first_sink_compacts_the_event_log_beside_the_appends(service):
     """Every test's events are appended while the first sink merges parts older than compact_events_s (2 s here):
-    merged parts appear, and the log reads the same events as before they were merged."""
-    import json
+    the user's appended parts end up in merged parts, and the log reads the same events."""
     from pathlib import Path
 
     import pyarrow.parquet as pq
@@ -97,13 +96,15 @@ def test_the_first_sink_compacts_the_event_log_beside_the_appends(service):
     log = EventLog(cfg.event_log)
     deadline = time.monotonic() + 60
 
-    def merged_mine() -> bool:  # a merged part (it lists the parts it replaces) holding this user's six events
+    def merged_mine() -> bool:  # the user's six events all in merged parts (parts that list what they replace)
+        found = 0
         for path in Path(cfg.event_log).glob("date=*/part-*.parquet"):
-            meta = pq.read_schema(path).metadata or {}
-            if REPLACES_KEY in meta and len(json.loads(meta[REPLACES_KEY])) >= 6 \
-                    and pq.read_table(path, columns=["user_id"])["user_id"].to_pylist().count(user) == 6:
-                return True
-        return False
+            try:
+                if REPLACES_KEY in (pq.read_schema(path).metadata or {}):
+                    found += pq.read_table(path, columns=["user_id"])["user_id"].to_pylist().count(user)
+            except FileNotFoundError:  # merged again and deleted meanwhile: look again
+                return False
+        return found == 6
 
     while not merged_mine():
         assert time.monotonic() < deadline, "the sink did not compact the log"
