@@ -16,7 +16,7 @@ from ray import serve
 from common.artifacts import ArtifactStore, LatestArtifact
 from common.business_rules import Ranked
 from common.event_log import EventLog, read_history
-from common.item_table import ItemTable
+from common.item_table import ItemTable, watch_snapshots
 from common.refresher import Refresher
 from common.ranking import KIND, ItemStats, Ranker, feature_matrix, load_latest_ranker, mmr
 from serve.config import ServeConfig
@@ -51,7 +51,7 @@ class Reranker:
         # background when the event log changed, at most every history_refresh_s.
         self.known = Refresher(EventLog(cfg.event_log).signature, self._item_stats, cfg.history_refresh_s,
                                "reranker item stats")
-        self.table = ItemTable.load(cfg.artifacts_uri, cfg.collection, cfg.kind)  # vectors for MMR and features
+        self.tables = watch_snapshots(cfg.artifacts_uri, cfg.collection, cfg.kind, cfg.artifacts_check_s)  # re-embeds
 
     def _item_stats(self, _signature: object = None) -> ItemStats:
         events = read_history(self.cfg.events, self.cfg.event_log)
@@ -60,6 +60,10 @@ class Reranker:
     @property
     def stats(self) -> ItemStats:
         return self.known.value
+
+    @property
+    def table(self) -> ItemTable:  # vectors and fields of the latest snapshot
+        return self.tables.value
 
     @property
     def ranker(self) -> Ranker | None:

@@ -24,7 +24,7 @@ from common.errors import NotFoundError
 from common.event_log import EventLog, read_history
 from common.events import EventWeights
 from common.item_index import collection_name
-from common.item_table import ItemTable
+from common.item_table import ItemTable, watch_snapshots
 from common.ranking import AffinitySums, Candidate, ItemStats, UserContext, affinity_sums, merge_candidates
 from common.refresher import Refresher
 from common.rules import BoughtTogether
@@ -71,7 +71,7 @@ class Retriever:
         self.sessions = SessionStore(self.store, sessions_collection(cfg.collection), dim=spec.dim, model=spec.model,
                                      gap_seconds=cfg.session_gap_s)
         self.fresh_read_ms = self._probe_fresh_reads() if cfg.fresh_sessions else None
-        self.table = ItemTable.load(cfg.artifacts_uri, cfg.collection, cfg.kind)
+        self.tables = watch_snapshots(cfg.artifacts_uri, cfg.collection, cfg.kind, cfg.artifacts_check_s)  # re-embeds
         self.users = read_table(cfg.users).to_pandas() if cfg.users else None
         # What the event history says (seen items, latest items, segments, popularity, affinities), read again in
         # the background whenever the event log changed, at most every history_refresh_s.
@@ -100,6 +100,10 @@ class Retriever:
         # computed for every known user at once, to which a live session's views are added per request).
         return Known(UserHistory.from_events(events, self.users), ItemStats.from_events(events),
                      affinity_sums(events, self.table.fields), len(events))
+
+    @property
+    def table(self) -> ItemTable:  # vectors and fields of the latest snapshot
+        return self.tables.value
 
     @property
     def history(self) -> UserHistory:

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from common.artifacts import ArtifactStore
 from common.item_table import ItemTable
@@ -42,19 +43,43 @@ def test_popularity_by_segment_falls_back_to_overall_for_small_segments():
     assert segment_of() is None and segment_of(region="DE") == "unknown|DE"
 
 
+def _snapshot(artifacts: ArtifactStore, ids: list[str], model: str = "m", seed: int = 0) -> tuple[str, np.ndarray]:
+    """Publish an embeddings snapshot of ``ids`` as the embed job does; its version and fused vectors."""
+    version = artifacts.new_version("embeddings", "shop")
+    v = np.random.default_rng(seed).standard_normal((len(ids), 4)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    table = pa.table({"item_id": ids, "category": ["Bag", "Coat", "Bag", "Coat"][:len(ids)],
+                      "brand": ["x", "y", "z", "w"][:len(ids)], "price": [1.0, 2.0, 3.0, 4.0][:len(ids)],
+                      "fused_vector": [list(map(float, r)) for r in v]})
+    pq.write_table(table, artifacts.path("embeddings", "shop", version, "embeddings.parquet"))
+    artifacts.publish("embeddings", "shop", version, {"result": {"version": version}, "encoder_identity": model})
+    return version, v
+
+
 def test_item_table_reads_the_latest_snapshot(tmp_path):
     artifacts = ArtifactStore(str(tmp_path))
-    version = artifacts.new_version("embeddings", "shop")
-    rng = np.random.default_rng(0)
-    v = rng.standard_normal((3, 4)).astype(np.float32)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    table = pa.table({"item_id": ["a", "b", "c"], "category": ["Bag", "Coat", "Bag"], "brand": ["x", "y", "z"],
-                      "price": [1.0, 2.0, 3.0], "fused_vector": [list(map(float, r)) for r in v]})
-    pq.write_table(table, artifacts.path("embeddings", "shop", version, "embeddings.parquet"))
-    artifacts.publish("embeddings", "shop", version, {"result": {"version": version}, "encoder_identity": "m"})
+    version, v = _snapshot(artifacts, ["a", "b", "c"])
     items = ItemTable.load(str(tmp_path), "shop")
     assert items.version == version and items.model == "m"
     np.testing.assert_allclose(items.vector("b"), v[1], rtol=1e-6)
     found, vectors = items.lookup(["c", "nope", "a"])
     assert found == ["c", "a"] and np.allclose(vectors, v[[2, 0]])
     assert items.fields["c"] == {"category": "Bag", "brand": "z", "price": 3.0} and items.vector("nope") is None
+
+
+def test_a_running_service_follows_new_snapshots_of_the_same_encoder_only(tmp_path, caplog):
+    from common.errors import NotFoundError
+    from common.item_table import watch_snapshots
+
+    with pytest.raises(NotFoundError, match="vitrine embed"):
+        watch_snapshots(str(tmp_path), "shop", "fused", 0)
+    artifacts = ArtifactStore(str(tmp_path))
+    first, _ = _snapshot(artifacts, ["a", "b", "c"])
+    tables = watch_snapshots(str(tmp_path), "shop", "fused", 0)
+    assert tables.value.version == first and tables.value.vector("d") is None
+    second, v = _snapshot(artifacts, ["a", "b", "c", "d"], seed=1)  # a new product, re-embedded
+    assert tables.refresh() and tables.value.version == second
+    np.testing.assert_allclose(tables.value.vector("d"), v[3], rtol=1e-6)
+    _snapshot(artifacts, ["a", "b"], model="another-encoder")  # vectors of another space: refused, kept serving
+    assert not tables.refresh() and tables.value.version == second and tables.failures == 1
+    assert "restart the service" in caplog.text
