@@ -17,8 +17,8 @@ from common.artifacts import ArtifactStore, LatestArtifact
 from common.business_rules import Ranked
 from common.event_log import EventLog, read_history
 from common.item_table import ItemTable, watch_snapshots
-from common.refresher import Refresher
 from common.ranking import KIND, ItemStats, Ranker, feature_matrix, load_latest_ranker, mmr
+from common.refresher import Refresher
 from serve.config import ServeConfig
 from serve.messages import Ranking, Retrieval
 

@@ -13,7 +13,6 @@ import pytest
 from common.errors import ConfigError
 from common.event_log import LOG_SCHEMA, EventLog
 
-
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
 

@@ -185,5 +185,6 @@ def test_ids_are_carried_only_when_asked_and_a_naive_default_time_is_utc():
     plain = validate_records(rows, known_items={"a"}, default_ts=datetime(2025, 1, 1, 10))
     assert list(plain.valid.columns) == EVENTS_SCHEMA.names
     assert plain.valid["ts"].iloc[0] == pd.Timestamp("2025-01-01T10:00:00Z")
-    assert validate_records(rows, known_items={"a"}, default_ts=_NOW, with_ids=True).valid["event_id"].tolist() == ["e1"]
+    carried = validate_records(rows, known_items={"a"}, default_ts=_NOW, with_ids=True)
+    assert carried.valid["event_id"].tolist() == ["e1"]
     assert "event_id" not in validate_events(pd.DataFrame(rows).assign(ts="2025-01-01")).valid.columns
