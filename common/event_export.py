@@ -56,14 +56,19 @@ def quarantine_path(out: str) -> str:
 
 
 def export_events(out: str, log_uri: str | None = None, files: Sequence[str] = (),
-                  since: str | None = None) -> ExportResult:
+                  since: str | None = None, log_optional: bool = False) -> ExportResult:
     """Write offline ``files`` and the event log at ``log_uri`` (either may be absent, not both) as one events file
-    (EVENTS_SCHEMA; Parquet, CSV or JSON Lines by ``out``'s extension), events at or after ``since`` only."""
+    (EVENTS_SCHEMA; Parquet, CSV or JSON Lines by ``out``'s extension), events at or after ``since`` only.
+    ``log_optional``: a log that holds no parts yet (a scheduled pipeline's first run, before any traffic) is
+    exported as empty, with a warning, instead of refused."""
     if not files and not log_uri:
         raise ConfigError("nothing to export: name an event log (--log) and/or events files (--events)")
     if log_uri and not is_event_log(log_uri):
-        raise ConfigError(f"{log_uri} holds no event log parts (date=*/part-*.parquet); is it the service's "
-                          f"event_log?")
+        if not log_optional or not files:
+            raise ConfigError(f"{log_uri} holds no event log parts (date=*/part-*.parquet); is it the service's "
+                              f"event_log?")
+        log.warning("%s holds no event log parts yet: exporting the files only", log_uri)
+        log_uri = None
     start = parse_since(since)
     frames, quarantined = [], []
     for uri in files:

@@ -136,7 +136,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         if not args.out:
             raise ConfigError("events export needs --out FILE (.parquet, .csv or .jsonl)")
         files = [resolve_uri(f) for f in args.events or []]
-        print(export_events(resolve_uri(args.out), None if args.no_log else log_uri, files, args.since).summary())
+        print(export_events(resolve_uri(args.out), None if args.no_log else log_uri, files, args.since,
+                            log_optional=args.log_optional).summary())
         return 0
     if not is_event_log(log_uri):
         raise ConfigError(f"{log_uri} holds no event log parts (date=*/part-*.parquet): nothing was appended there")
@@ -157,6 +158,8 @@ def _events_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="export: the events file to write (.parquet, .csv or .jsonl)")
     p.add_argument("--since", help="export: only events at or after this ISO-8601 time (UTC when naive)")
     p.add_argument("--no-log", action="store_true", help="export: the files only, without the event log")
+    p.add_argument("--log-optional", action="store_true",
+                   help="export: a log with nothing appended yet exports the files only (a pipeline's first run)")
     p.add_argument("--older-than", type=float, metavar="SECONDS",
                    help="compact: today's parts written at least this long ago too (default: past days only)")
     p.set_defaults(func=cmd_events)

@@ -79,6 +79,11 @@ def test_export_refuses_what_it_cannot_do(tmp_path):
         export_events(str(tmp_path / "x.parquet"))
     with pytest.raises(ConfigError, match="no event log parts"):
         export_events(str(tmp_path / "x.parquet"), str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="no event log parts"):  # optional, but then there must be files
+        export_events(str(tmp_path / "x.parquet"), str(tmp_path / "missing"), log_optional=True)
+    only_files = export_events(str(tmp_path / "x.parquet"), str(tmp_path / "missing"), [_offline(tmp_path)],
+                               log_optional=True)  # a pipeline's first run, before any traffic
+    assert (only_files.from_files, only_files.from_log) == (2, 0)
     with pytest.raises(ConfigError, match="since"):
         export_events(str(tmp_path / "x.parquet"), _log(tmp_path).uri, since="last week")
 
