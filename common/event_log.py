@@ -192,7 +192,7 @@ class EventLog:
         fs, base = url_to_fs(self.uri)
         days: dict[str, int] = {}
         for day in sorted(p.rsplit("date=", 1)[1] for p in fs.glob(f"{base}/date=*") if fs.isdir(p)):
-            days[day] = sum(len(t) for _, t in self._live_parts(day))
+            days[day] = sum(len(t) for _, t in self._live_parts(day, columns=["user_id"]))
         reasons: dict[str, int] = {}
         for path in sorted(fs.glob(f"{base}/{QUARANTINE}/date=*/part-*.parquet")):
             with fs.open(path, "rb") as f:
@@ -221,34 +221,38 @@ class EventLog:
         days = sorted((p.rsplit("date=", 1)[1] for p in fs.glob(f"{base}/date=*") if fs.isdir(p)), reverse=True)
         keys: list[Key] = []
         for day in days:  # newest day first, newest part first, until ``limit`` keys
-            for _, table in reversed(self._live_parts(day)):
+            for _, table in reversed(self._live_parts(day, columns=["user_id", EVENT_ID])):
                 ids = table.filter(pc.is_valid(table[EVENT_ID]))
                 keys += reversed(list(zip(ids["user_id"].to_pylist(), ids[EVENT_ID].to_pylist())))
                 if len(keys) >= limit:
                     return keys[:limit][::-1]
         return keys[::-1]
 
-    def _live_parts(self, day: str | None = None) -> list[tuple[str, pa.Table]]:
-        """(path, table) of the parts not replaced by a compacted part, in name order (day, then time)."""
+    def _live_parts(self, day: str | None = None,
+                    columns: Sequence[str] | None = None) -> list[tuple[str, pa.Table]]:
+        """(path, table) of the parts not replaced by a compacted part, in name order (day, then time); the tables
+        hold LOG_SCHEMA's ``columns`` (default: all), read from the files alone."""
         for _ in range(_READ_ATTEMPTS):
             try:
-                return self._list_live(day)
+                return self._list_live(day, columns)
             except FileNotFoundError:  # a compaction removed a listed part after writing its replacement
                 continue
         raise SchemaError(f"event log {self.uri}: parts kept disappearing while reading; is a compaction looping?")
 
-    def _list_live(self, day: str | None) -> list[tuple[str, pa.Table]]:
+    def _list_live(self, day: str | None, columns: Sequence[str] | None) -> list[tuple[str, pa.Table]]:
         fs, base = url_to_fs(self.uri)
         pattern = f"{base}/date={day or '*'}/part-*.parquet"
         parts: list[tuple[str, pa.Table]] = []
         replaced: set[str] = set()
         for path in sorted(fs.glob(pattern)):
             with fs.open(path, "rb") as f:
-                table = pq.read_table(f)
-            meta = table.schema.metadata or {}
+                file = pq.ParquetFile(f)
+                meta = file.schema_arrow.metadata or {}
+                present = set(file.schema_arrow.names)
+                table = file.read(columns=None if columns is None else [c for c in columns if c in present])
             if REPLACES_KEY in meta:
                 replaced.update(json.loads(meta[REPLACES_KEY]))
-            parts.append((path, _conformed(table, path)))
+            parts.append((path, _conformed(table, path, columns)))
         return [(p, t) for p, t in parts if _name(p) not in replaced]
 
     # ------------------------------------------------------------------------------------------ compact
@@ -399,13 +403,17 @@ def _missing(v: object) -> bool:
     return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and v != v)
 
 
-def _conformed(table: pa.Table, path: str) -> pa.Table:
-    missing = [c for c in EVENTS_SCHEMA.names if c not in table.column_names]
+def _conformed(table: pa.Table, path: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """``table`` with LOG_SCHEMA's ``columns`` (default: all) in their types; ``event_id`` null in parts written
+    before events had ids."""
+    names = list(columns) if columns is not None else LOG_SCHEMA.names
+    missing = [c for c in names if c not in table.column_names and c != EVENT_ID]
     if missing:
         raise SchemaError(f"event log part {path} lacks column(s) {missing}; was it written by another tool?")
-    if EVENT_ID not in table.column_names:  # written before events had ids
+    if EVENT_ID in names and EVENT_ID not in table.column_names:  # written before events had ids
         table = table.append_column(EVENT_ID, pa.nulls(len(table), pa.string()))
-    return table.select(LOG_SCHEMA.names).cast(LOG_SCHEMA).replace_schema_metadata(None)
+    schema = pa.schema([LOG_SCHEMA.field(c) for c in names])
+    return table.select(names).cast(schema).replace_schema_metadata(None)
 
 
 @contextmanager
