@@ -511,14 +511,38 @@ def is_event_log(uri: str) -> bool:
         return False
 
 
-def read_history(events_uri: str | None, log_uri: str) -> pd.DataFrame | None:
-    """Every event serving knows at start-up: the offline events file (validated; quarantined rows left out) and
-    what the event log holds (POST /events so far, so a restarted service remembers), in time order. None when
-    there is neither."""
-    parts = [load_events(events_uri).valid] if events_uri else []
-    logged = EventLog(log_uri).read()
-    if len(logged):
-        parts.append(logged.drop(columns=[EVENT_ID]))
-    if not parts:
-        return None
-    return pd.concat(parts, ignore_index=True).sort_values("ts", kind="stable") if len(parts) > 1 else parts[0]
+class History:
+    """Every event serving knows: the offline events file (validated; quarantined rows left out) and what the event
+    log holds (POST /events so far, so a restarted service remembers), in time order. The file is validated once
+    and again only when it changes (size or time), the log is read at every ``read``; ``signature`` changes when
+    either does (what a serving replica watches to know when to read again)."""
+
+    def __init__(self, events_uri: str | None, log_uri: str) -> None:
+        self.events_uri, self.log = events_uri, EventLog(log_uri)
+        self._offline: tuple[tuple, pd.DataFrame] | None = None
+
+    def signature(self) -> tuple:
+        return (_file_stamp(self.events_uri) if self.events_uri else None, self.log.signature())
+
+    def read(self) -> pd.DataFrame | None:
+        """The events in time order; None when there is neither a file nor a logged event."""
+        parts = [self._offline_events()] if self.events_uri else []
+        logged = self.log.read()
+        if len(logged):
+            parts.append(logged.drop(columns=[EVENT_ID]))
+        if not parts:
+            return None
+        return pd.concat(parts, ignore_index=True).sort_values("ts", kind="stable") if len(parts) > 1 else parts[0]
+
+    def _offline_events(self) -> pd.DataFrame:
+        stamp = _file_stamp(self.events_uri)
+        if self._offline is None or self._offline[0] != stamp:
+            self._offline = (stamp, load_events(self.events_uri).valid)
+        return self._offline[1]
+
+
+def _file_stamp(uri: str) -> tuple:
+    """What tells a changed file: its size and modification time (an object store's ETag where it has no time)."""
+    fs, path = url_to_fs(uri)
+    info = fs.info(path)
+    return (info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""))

@@ -15,7 +15,7 @@ from ray import serve
 
 from common.artifacts import ArtifactStore, LatestArtifact
 from common.business_rules import Ranked
-from common.event_log import EventLog, read_history
+from common.event_log import History
 from common.item_table import ItemTable, watch_snapshots
 from common.ranking import KIND, ItemStats, Ranker, feature_matrix, load_latest_ranker, mmr
 from common.refresher import Refresher
@@ -49,12 +49,13 @@ class Reranker:
             self._pinned = load_latest_ranker(cfg.artifacts_uri, cfg.collection, cfg.ranker)
         # Popularity and recency features from the event history (the retriever's source too), read again in the
         # background when the event log changed, at most every history_refresh_s.
-        self.known = Refresher(EventLog(cfg.event_log).signature, self._item_stats, cfg.history_refresh_s,
+        self.history_source = History(cfg.events, cfg.event_log)
+        self.known = Refresher(self.history_source.signature, self._item_stats, cfg.history_refresh_s,
                                "reranker item stats")
         self.tables = watch_snapshots(cfg.artifacts_uri, cfg.collection, cfg.kind, cfg.artifacts_check_s)  # re-embeds
 
     def _item_stats(self, _signature: object = None) -> ItemStats:
-        events = read_history(self.cfg.events, self.cfg.event_log)
+        events = self.history_source.read()
         return ItemStats.from_events(events) if events is not None else ItemStats({}, {})
 
     @property

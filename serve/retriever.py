@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from common.artifacts import ArtifactStore, LatestArtifact
 from common.catalog import read_table
 from common.errors import NotFoundError
-from common.event_log import EventLog, read_history
+from common.event_log import History
 from common.events import EventWeights
 from common.item_index import collection_name
 from common.item_table import ItemTable, watch_snapshots
@@ -75,7 +75,8 @@ class Retriever:
         self.users = read_table(cfg.users).to_pandas() if cfg.users else None
         # What the event history says (seen items, latest items, segments, popularity, affinities), read again in
         # the background whenever the event log changed, at most every history_refresh_s.
-        self.known = Refresher(EventLog(cfg.event_log).signature, self._read_history, cfg.history_refresh_s,
+        self.history_source = History(cfg.events, cfg.event_log)
+        self.known = Refresher(self.history_source.signature, self._read_history, cfg.history_refresh_s,
                                "retriever history")
         self.view_weight = EventWeights().events["view"]
         self.published_rules = self._watch_rules()
@@ -91,7 +92,7 @@ class Retriever:
 
     # ---- start-up -------------------------------------------------------------------------------------------
     def _read_history(self, _signature: object = None) -> Known:
-        events = read_history(self.cfg.events, self.cfg.event_log)
+        events = self.history_source.read()
         if events is None:
             log.warning("no events file and an empty event log: no history, popularity from nothing")
             return Known(UserHistory(), ItemStats({}, {}), {}, 0)

@@ -326,3 +326,28 @@ def test_a_second_compaction_at_the_same_time_is_skipped(tmp_path):
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         assert log.compact() == 0 and len(_parts(tmp_path / "log")) == 2
     assert log.compact() == 2
+
+
+def test_history_validates_the_offline_file_once_and_reads_the_log_each_time(tmp_path, monkeypatch):
+    import os
+
+    import common.event_log as event_log
+    from common.event_log import History
+
+    offline = tmp_path / "events.csv"
+    pd.DataFrame({"user_id": ["u9"], "item_id": ["i1"], "event": ["view"], "ts": ["2024-04-01T00:00:00Z"]}).to_csv(
+        offline, index=False)
+    calls = []
+    monkeypatch.setattr(event_log, "load_events", lambda uri: calls.append(uri) or event_log.validate_events(
+        pd.read_csv(uri)))
+    history = History(str(offline), str(tmp_path / "log"))
+    assert history.read()["user_id"].tolist() == ["u9"] and history.signature() == history.signature()
+    before = history.signature()
+    EventLog(str(tmp_path / "log"), clock=lambda: T0).append(_events(2))
+    assert history.signature() != before
+    assert history.read()["user_id"].tolist() == ["u9", "u1", "u1"] and len(calls) == 1  # the file once
+    pd.DataFrame({"user_id": ["u8"], "item_id": ["i2"], "event": ["view"], "ts": ["2024-04-02T00:00:00Z"]}).to_csv(
+        offline, index=False)
+    os.utime(offline, (1e9, 1e9))  # a replaced file: another size or time
+    assert history.read()["user_id"].tolist() == ["u8", "u1", "u1"] and len(calls) == 2
+    assert History(None, str(tmp_path / "none")).read() is None
