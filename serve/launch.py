@@ -30,14 +30,32 @@ def _ray_cli() -> str:
     return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
 
 
+def started_marker() -> Path:
+    """Where `vitrine serve` notes the Ray session of a local head it started (beside the other var/ state)."""
+    from common.config import resolve_uri
+
+    return Path(resolve_uri("var/ray-head-started-by-vitrine.json"))
+
+
+def _session_name() -> str:
+    """The connected cluster's session (a new one each time a head starts)."""
+    import ray
+
+    return str(ray._private.worker.global_worker.node.session_name)
+
+
 def connect(address: str | None = None, start_local: bool = True) -> str:
-    """Connect this process to Ray; start a local head (loopback) when none runs and ``start_local``."""
+    """Connect this process to Ray; start a local head (loopback) when none runs and ``start_local``, and note its
+    session (``started_marker``), so that ``stop`` stops only a head this command started."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        if start_local and address == "auto" and not started_marker().exists():
+            log.info("joined the local Ray cluster already running (%s CPUs); `vitrine serve --stop` will leave it "
+                     "running", ray.cluster_resources().get("CPU"))
         return address
     except ConnectionError:
         if address != "auto" or not start_local:
@@ -47,6 +65,9 @@ def connect(address: str | None = None, start_local: bool = True) -> str:
     if done.returncode != 0:
         raise VitrineError(f"`ray start --head` failed: {(done.stderr or done.stdout).strip()[-400:]}")
     ray.init(address="auto", logging_level=logging.WARNING, log_to_driver=False)
+    marker = started_marker()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"session": _session_name(), "started": time.time()}))
     return "auto"
 
 
@@ -109,20 +130,37 @@ def start(cfg: ServeConfig, address: str | None = None, timeout: float = 300.0) 
 
 
 def stop(address: str | None = None, stop_ray: bool = True) -> None:
-    """Shut the service down; then stop the local Ray head too (``ray stop``) unless told not to."""
+    """Shut the service down; then stop the local Ray head too (``ray stop``) when `vitrine serve` started it (its
+    session is the one noted in ``started_marker``) and not told otherwise; a cluster started by someone else
+    keeps running."""
     from ray import serve
 
     try:
         connect(address, start_local=False)
     except ConnectionError:
         log.info("no Ray cluster running: nothing to stop")
+        started_marker().unlink(missing_ok=True)
         return
     serve.shutdown()
     if stop_ray and not (address or os.environ.get("RAY_ADDRESS")):
         import ray
 
+        ours = _started_here()
         ray.shutdown()
-        subprocess.run([_ray_cli(), "stop"], capture_output=True, timeout=120)
+        if ours:
+            subprocess.run([_ray_cli(), "stop"], capture_output=True, timeout=120)
+            started_marker().unlink(missing_ok=True)
+        else:
+            log.info("the local Ray cluster was not started by `vitrine serve`: left running (`ray stop` stops it)")
+
+
+def _started_here() -> bool:
+    """Whether the connected cluster is the local head `vitrine serve` started (by its noted session)."""
+    try:
+        noted = json.loads(started_marker().read_text())
+    except (OSError, ValueError):
+        return False
+    return noted.get("session") == _session_name()
 
 
 def examples(url: str, item_id: str, user_id: str) -> str:

@@ -79,3 +79,21 @@ def test_an_error_raised_in_a_replica_is_unwrapped():
 def test_examples_are_curl_calls():
     lines = examples("http://127.0.0.1:8000", "fm-000299", "u-0001").splitlines()
     assert all(line.startswith("curl -s") for line in lines) and any("-X POST" in line for line in lines)
+
+
+def test_serve_stop_stops_only_a_ray_head_it_started(tmp_path, monkeypatch):
+    """The session noted when `vitrine serve` started the head must be the connected one (the real start and stop
+    run in `make demo` / `make serve-stop`)."""
+    from serve import launch
+
+    marker = tmp_path / "var" / "ray-head.json"
+    monkeypatch.setattr(launch, "started_marker", lambda: marker)
+    monkeypatch.setattr(launch, "_session_name", lambda: "session_b")
+    assert not launch._started_here()  # nothing noted: someone else's cluster
+    marker.parent.mkdir()
+    marker.write_text('{"session": "session_a"}')
+    assert not launch._started_here()  # a head started earlier, stopped since; another runs now
+    marker.write_text('{"session": "session_b"}')
+    assert launch._started_here()
+    marker.write_text("{not json")
+    assert not launch._started_here()
