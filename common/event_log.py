@@ -20,9 +20,12 @@ the event sink's, ``recent_keys`` fills it at start-up) or earlier in the same b
 duplicates; ``read`` keeps the first of any that got through (two appenders without a shared memory), so every
 reader sees an event once. Events without ``event_id`` are never deduplicated: two identical clicks are two clicks.
 
-Compaction writes one part per past day whose Parquet metadata lists the parts it replaces; ``read`` skips every
-part so listed, so a reader racing a compaction (or a compaction that crashed before deleting) never sees an event
-twice. Run one compaction at a time (a scheduled job), beside any number of appenders and readers.
+Compaction merges parts into one whose Parquet metadata lists every part it replaces (those of earlier merges
+included): a finished day's parts into one, and with ``older_than_s`` today's appended parts older than that into
+one per run. ``read`` skips every part so listed, so a reader racing a compaction (or a compaction that crashed
+before deleting) never sees an event twice. Run one compaction at a time (the first event sink, or a scheduled
+``vitrine events compact``; a lock file keeps a second one out of a local log), beside any number of appenders
+and readers.
 """
 from __future__ import annotations
 
