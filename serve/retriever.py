@@ -126,8 +126,8 @@ class Retriever:
                                                                                   version)),
                                self.cfg.artifacts_check_s)
         if rules.value is None:
-            log.warning("no published rules for %r: bought-together falls back to co-occurrence and popularity "
-                        "until `vitrine rules` publishes some", self.cfg.collection)
+            log.warning("no published rules for %r: bought-together has nothing to answer until `vitrine rules` "
+                        "publishes some (looked for every %s s)", self.cfg.collection, self.cfg.artifacts_check_s)
         return rules
 
     @property
