@@ -94,7 +94,6 @@ class ArtifactStore:
             return json.load(f)
 
 
-
 class LatestArtifact(Refresher[str, T | None]):
     """The latest published version of ``kind/name``, loaded, and loaded again when a newer one is published.
 

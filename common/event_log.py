@@ -194,7 +194,7 @@ class EventLog:
         frame = self.read()
         fs, base = url_to_fs(self.uri)
         days: dict[str, int] = {}
-        for day in sorted(p.rsplit("date=", 1)[1] for p in fs.glob(f"{base}/date=*") if fs.isdir(p)):
+        for day in _days(fs, base):
             days[day] = sum(len(t) for _, t in self._live_parts(day, columns=["user_id"]))
         reasons: dict[str, int] = {}
         for path in sorted(fs.glob(f"{base}/{QUARANTINE}/date=*/part-*.parquet")):
@@ -221,7 +221,7 @@ class EventLog:
         if limit <= 0:
             return []
         fs, base = url_to_fs(self.uri)
-        days = sorted((p.rsplit("date=", 1)[1] for p in fs.glob(f"{base}/date=*") if fs.isdir(p)), reverse=True)
+        days = _days(fs, base)[::-1]
         keys: list[Key] = []
         for day in days:  # newest day first, newest part first, until ``limit`` keys
             for _, table in reversed(self._live_parts(day, columns=["user_id", EVENT_ID])):
@@ -282,7 +282,7 @@ class EventLog:
         now = self._clock().astimezone(timezone.utc)
         today = now.strftime("%Y-%m-%d")
         cutoff = None if older_than_s is None else (now - timedelta(seconds=older_than_s)).strftime("%Y%m%dT%H%M%S%fZ")
-        days = sorted(p.rsplit("date=", 1)[1] for p in fs.glob(f"{base}/date=*") if fs.isdir(p))
+        days = _days(fs, base)
         removed = 0
         for day in (d for d in days if d < today or (cutoff is not None and d == today)):
             parts = _catalogue(fs, f"{base}/date={day}")
@@ -438,6 +438,11 @@ def _compaction_lock(fs: fsspec.AbstractFileSystem, base: str) -> Iterator[bool]
             yield True
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _days(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
+    """The day folders of the log (``date=YYYY-MM-DD``), oldest first."""
+    return sorted(p.rsplit("date=", 1)[1] for p in fs.glob(f"{base}/date=*") if fs.isdir(p))
 
 
 def _stamp(path: str) -> str:

@@ -4,15 +4,16 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import fsspec
+from fsspec.core import url_to_fs
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from common.artifacts import write_atomic
 from common.catalog import file_format, ids_as_str, pyarrow_filesystem, read_table
 from common.errors import ConfigError, SchemaError
 from common.events import EVENT_TYPES, EVENTS_SCHEMA
@@ -325,11 +326,8 @@ def _is_local(uri: str) -> bool:
 
 def _write_bytes(data: bytes, uri: str) -> None:
     if _is_local(uri):  # whole or not at all: a temporary file renamed into place
-        path = Path(uri.removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        fs, path = url_to_fs(uri)
+        write_atomic(fs, path, data)
         return
     try:
         with fsspec.open(uri, "wb") as f:

@@ -578,10 +578,7 @@ class MilvusStore:
         if matches == 0:
             return [[] for _ in range(len(np.atleast_2d(vectors)))]
         if matches <= EXACT_FILTER_ROWS:
-            ids = [str(r[PRIMARY_KEY]) for r in self._call("search", on, "query", on, filter=filter,
-                                                            output_fields=[PRIMARY_KEY], user_filter=filter,
-                                                            sent_filter=filter)]
-            return self.search(name, vectors, k, ids_filter(ids), exclude_ids)
+            return self.search(name, vectors, k, ids_filter(sorted(self._ids_where(on, filter, filter))), exclude_ids)
         total = max(matches, self._cached_count(on, ""))
         vectors = np.atleast_2d(vectors)
         fetch = min(MAX_TOP_K, -(-2 * k * total // matches))
@@ -602,11 +599,14 @@ class MilvusStore:
         """The ids among ``ids`` whose row in ``name`` passes ``filter``."""
         out: set[str] = set()
         for start in range(0, len(ids), chunk):
-            expr = f"({filter}) and {ids_filter(ids[start:start + chunk])}"
-            out.update(str(r[PRIMARY_KEY]) for r in self._call("search", name, "query", name, filter=expr,
-                                                                output_fields=[PRIMARY_KEY], user_filter=filter,
-                                                                sent_filter=expr))
+            out |= self._ids_where(name, f"({filter}) and {ids_filter(ids[start:start + chunk])}", filter)
         return out
+
+    def _ids_where(self, name: str, expr: str, user_filter: str) -> set[str]:
+        """The ids of the rows of ``name`` that pass ``expr`` (``user_filter``: the caller's part, for errors)."""
+        return {str(r[PRIMARY_KEY]) for r in self._call("search", name, "query", name, filter=expr,
+                                                         output_fields=[PRIMARY_KEY], user_filter=user_filter,
+                                                         sent_filter=expr)}
 
     def _ann(self, name: str, spec: CollectionSpec, queries: np.ndarray, k: int, expr: str,
              user_filter: str | None, ef: int) -> list[list[Hit]]:

@@ -53,7 +53,7 @@ def connect(address: str | None = None, start_local: bool = True) -> str:
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        if start_local and address == "auto" and not started_marker().exists():
+        if start_local and address == "auto" and not _started_here():
             log.info("joined the local Ray cluster already running (%s CPUs); `vitrine serve --stop` will leave it "
                      "running", ray.cluster_resources().get("CPU"))
         return address
