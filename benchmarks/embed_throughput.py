@@ -2,7 +2,7 @@
 
 1. ``bare``: the batched model forward alone (images pre-decoded, batches of ``--batch``; image + text towers).
 2. ``pipeline``: the real embed job on Ray Data (read, validate, decode, encoder actors, cache and Milvus writes).
-3. ``naive``: one item at a time, fp32 eager, decoding inline (what the source projects did).
+3. ``naive``: one item at a time, torch fp32 eager, decoding inline (what the source projects did).
 
 Each phase runs in its own process; peak memory is the largest summed RSS of that process and its children
 (Ray's workers included), sampled every 0.2 s. Items/s counts an item as image + text encoded. Prints JSON and
@@ -44,13 +44,13 @@ def _texts(items: list[dict[str, Any]]) -> list[str]:
     return [item_text(r) for r in items]
 
 
-def phase_bare(n: int, batch: int, precision: str) -> dict[str, Any]:
+def phase_bare(n: int, batch: int, precision: str, runtime: str) -> dict[str, Any]:
     from PIL import Image
 
     from common.encoder import EncoderConfig, ItemEncoder
 
     items = _items(n)
-    enc = ItemEncoder(EncoderConfig(precision=precision))
+    enc = ItemEncoder(EncoderConfig(precision=precision, runtime=runtime))
     pixels = [enc.prepare_image(Image.open(r["image"])) for r in items]
     texts = _texts(items)
     import numpy as np
@@ -62,7 +62,8 @@ def phase_bare(n: int, batch: int, precision: str) -> dict[str, Any]:
         images = enc.encode_images(np.stack(pixels[i:i + batch]))
         enc.fuse(images["image"], enc.encode_texts(texts[i:i + batch]))
     seconds = time.perf_counter() - t0
-    return {"items": len(items), "seconds": seconds, "items_per_s": len(items) / seconds, "plan": enc.plan}
+    return {"items": len(items), "seconds": seconds, "items_per_s": len(items) / seconds, "plan": enc.plan,
+            "text_plan": enc.text_plan}
 
 
 def phase_naive(n: int) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def phase_naive(n: int) -> dict[str, Any]:
     from common.encoder import EncoderConfig, ItemEncoder
 
     items = _items(n)
-    enc = ItemEncoder(EncoderConfig(precision="fp32"))
+    enc = ItemEncoder(EncoderConfig(precision="fp32", runtime="torch"))
     texts = _texts(items)
     t0 = time.perf_counter()
     for r, text in zip(items, texts):
@@ -81,7 +82,7 @@ def phase_naive(n: int) -> dict[str, Any]:
     return {"items": len(items), "seconds": seconds, "items_per_s": len(items) / seconds, "plan": enc.plan}
 
 
-def phase_pipeline(n: int, batch: int, precision: str, encoders: int = 0) -> dict[str, Any]:
+def phase_pipeline(n: int, batch: int, precision: str, runtime: str, encoders: int = 0) -> dict[str, Any]:
     import pandas as pd
     import ray
 
@@ -97,7 +98,7 @@ def phase_pipeline(n: int, batch: int, precision: str, encoders: int = 0) -> dic
         try:
             result = run(EmbedConfig(catalog=str(catalog), collection="bench", store_uri=store,
                                      artifacts_uri=str(Path(tmp) / "artifacts"), batch_size=batch,
-                                     encoders=encoders, encoder=EncoderConfig(precision=precision)))
+                                     encoders=encoders, encoder=EncoderConfig(precision=precision, runtime=runtime)))
         finally:
             milvus_local.stop(store)
     ray.shutdown()
@@ -139,20 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--naive-items", type=int, default=200, help="the naive loop is slow: it runs on fewer items")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--precision", default="auto")
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
+                   help="the bare forward's and the pipeline's (the naive loop is always torch fp32 eager)")
     p.add_argument("--out", default=str(ROOT / "var" / "bench" / "embed_throughput.json"))
     p.add_argument("--encoders", type=int, default=0, help="the pipeline's encoder actors (0: the job's default)")
     p.add_argument("--phases", nargs="+", choices=["bare", "pipeline", "naive"], default=["bare", "pipeline", "naive"])
     p.add_argument("--phase", choices=["bare", "pipeline", "naive"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.phase:
-        result = {"bare": lambda: phase_bare(args.items, args.batch, args.precision),
-                  "pipeline": lambda: phase_pipeline(args.items, args.batch, args.precision, args.encoders),
+        result = {"bare": lambda: phase_bare(args.items, args.batch, args.precision, args.runtime),
+                  "pipeline": lambda: phase_pipeline(args.items, args.batch, args.precision, args.runtime,
+                                                     args.encoders),
                   "naive": lambda: phase_naive(args.naive_items)}[args.phase]()
         print(json.dumps(result))
         return 0
     base = [sys.executable, str(Path(__file__).resolve()), "--items", str(args.items), "--naive-items",
             str(args.naive_items), "--batch", str(args.batch), "--precision", args.precision,
-            "--encoders", str(args.encoders), "--phase"]
+            "--runtime", args.runtime, "--encoders", str(args.encoders), "--phase"]
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                                           "python": platform.python_version()}}
     for phase in args.phases:

@@ -24,7 +24,7 @@ VARIANTS = (
     "fp32-eager", "fp32-eager-cl", "fp32-jit-freeze", "fp32-compiled",
     "bf16-weights-cl", "bf16-eager", "bf16-eager-cl", "bf16-jit-freeze", "bf16-compiled-freezing",
     "bf16-compiled-fold", "bf16-eager-fold-island", "bf16-compiled-fold-island",
-    "bf16-compiled-fold-island-autotune", "encoder-auto",
+    "bf16-compiled-fold-island-autotune", "openvino-fp32", "openvino-bf16", "encoder-torch-auto", "encoder-auto",
 )
 
 
@@ -90,6 +90,13 @@ def _nchw_forward_class() -> type:
     return NCHWForward
 
 
+def _openvino(forward: Any, sample: torch.Tensor, precision: str) -> Callable:
+    from common.openvino_runtime import OpenVINOModel
+
+    model = OpenVINOModel(forward, sample, precision, torch.get_num_threads())
+    return lambda x: tuple(torch.from_numpy(o) for o in model(x))
+
+
 def build_variant(name: str, encoder: Any, sample: torch.Tensor) -> Callable:
     """A callable uint8 NHWC tensor -> (visual, image) for the named variant."""
     from common.image_forward import ImageForward, fast_copy, fold_batchnorm
@@ -120,6 +127,8 @@ def build_variant(name: str, encoder: Any, sample: torch.Tensor) -> Callable:
         "bf16-compiled-fold-island": lambda: _compiled(fast_copy(fp32, torch.bfloat16, encoder.image_size)),
         "bf16-compiled-fold-island-autotune": lambda: _compiled(fast_copy(fp32, torch.bfloat16, encoder.image_size),
                                                                 mode="max-autotune-no-cudagraphs"),
+        "openvino-fp32": lambda: _openvino(fp32, sample, "f32"),
+        "openvino-bf16": lambda: _openvino(fp32, sample, "bf16"),
     }
     return table[name]()
 
@@ -160,7 +169,7 @@ def run(images: int, batch: int, repeats: int, variants: list[str], threads: int
 
     if threads:
         torch.set_num_threads(threads)
-    encoder = ItemEncoder(EncoderConfig(precision="fp32", device="cpu"))
+    encoder = ItemEncoder(EncoderConfig(precision="fp32", device="cpu", runtime="torch"))
     x = torch.from_numpy(fashion_pixels(images, encoder.image_size))
     with torch.inference_mode():
         outs = [encoder.images.fp32(x[i:i + batch]) for i in range(0, len(x), batch)]
@@ -168,8 +177,9 @@ def run(images: int, batch: int, repeats: int, variants: list[str], threads: int
     results: dict[str, Any] = {}
     for name in variants:
         try:
-            if name == "encoder-auto":
-                auto = ItemEncoder(EncoderConfig(precision="auto", device="cpu"))
+            if name in ("encoder-auto", "encoder-torch-auto"):
+                runtime = "torch" if name == "encoder-torch-auto" else "auto"
+                auto = ItemEncoder(EncoderConfig(precision="auto", device="cpu", runtime=runtime))
                 results[name] = measure(auto.encode_images, x, batch, repeats, ref, numpy_api=True)
                 results[name]["plan"] = auto.plan
             else:

@@ -24,13 +24,18 @@ Weights are never silently random: an open_clip architecture without ``pretraine
 weights file raises ModelUnavailableError unless ``allow_random_weights=True``. Hugging Face is offline unless
 the caller set ``HF_HUB_OFFLINE`` explicitly (``HF_HUB_OFFLINE=0`` lets open_clip download pretrained tags).
 
-Speed on CPU: ``precision="auto"`` picks, where the CPU has native bf16 (AVX512-bf16/AMX), bf16 autocast with
-channels_last, compiled by torch.compile (inductor, freezing) for fixed chunks of ``COMPILE_BATCH`` images; it
-compiles lazily at the first call with at least ``COMPILE_MIN_IMAGES`` images (smaller calls run eagerly) and
-falls back to eager bf16 if compilation fails (:mod:`common.image_forward`). The text tower is compiled the same
-way (dynamic shapes: batch and token count vary) for calls of at least ``COMPILE_MIN_TEXTS`` strings. Each
-low-precision path is checked once against fp32 on the first items it encodes and falls back, loudly, below
-cosine ``MIN_COSINE``. See ``benchmarks/encoder_forward.py`` for the measurements behind this choice.
+Speed on CPU: ``runtime="auto"`` runs both towers with OpenVINO where the ``openvino`` package is installed (a
+dependency): the image tower in fp32, which here is both exact and faster than torch's best bf16 plan, and the
+text tower in bf16 where the CPU has it natively (:mod:`common.openvino_runtime`); each is converted lazily at
+its first call (seconds) and checked once against torch fp32, falling back, loudly, to the torch plan.
+With ``runtime="torch"``, ``precision="auto"`` picks, where the CPU has native bf16 (AVX512-bf16/AMX), bf16
+autocast with channels_last, compiled by torch.compile (inductor, freezing) for fixed chunks of
+``COMPILE_BATCH`` images; it compiles lazily at the first call with at least ``COMPILE_MIN_IMAGES`` images
+(smaller calls run eagerly) and falls back to eager bf16 if compilation fails (:mod:`common.image_forward`). The
+text tower is compiled the same way (dynamic shapes: batch and token count vary) for calls of at least
+``COMPILE_MIN_TEXTS`` strings. Each low-precision path is checked once against fp32 on the first items it encodes
+and falls back, loudly, below cosine ``MIN_COSINE``. On CUDA the towers run in torch (fp16). See
+``benchmarks/encoder_forward.py`` for the measurements behind these choices.
 """
 from __future__ import annotations
 
@@ -47,14 +52,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.errors import ConfigError
-from common.image_forward import MIN_COSINE, BridgeHead, ImageRunner, choose_plan, resolve_device
+from common.image_forward import (MIN_COSINE, BridgeHead, ImageRunner, choose_plan, cpu_has_native_bf16,
+                                  resolve_device)
 from common.model_assets import (DEFAULT_MODEL_NAME, ModelSource, load_open_clip, resolve_source,
                                  state_fingerprint, trim_padding, verify_trunk)
+from common.openvino_runtime import OpenVINOModel
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUNTIMES = ("auto", "torch", "openvino")
 COMPILE_MIN_TEXTS = 16  # text calls with fewer strings (a search query) run eagerly
 TEXT_BATCH = 256
 _RESIZE_MODES = ("shortest", "longest", "squash")
@@ -66,6 +74,7 @@ class EncoderConfig:
     pretrained: str | None = None  # tag, weights file, or 'local-dir:/path'; None = the preset's default
     device: str = "auto"  # auto|cpu|cuda (auto: CUDA when available)
     precision: str = "auto"  # auto|fp32|bf16|fp16 (auto: fp16 on CUDA, fastest validated on CPU)
+    runtime: str = "auto"  # auto|torch|openvino (auto: OpenVINO on the CPU where installed, torch on CUDA)
     image_weight: float = 0.5  # weight of the image vector in `fused`
     text_weight: float = 0.5  # weight of the text vector in `fused`
     allow_random_weights: bool = False  # explicitly accept an open_clip model without pretrained weights
@@ -79,6 +88,8 @@ class EncoderConfig:
             raise ConfigError(f"device must be one of {DEVICES}. Got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}. Got {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {RUNTIMES}. Got {self.runtime!r}")
         for name in ("image_weight", "text_weight"):
             w = getattr(self, name)
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
@@ -132,7 +143,8 @@ class ItemEncoder:
     def __init__(self, cfg: EncoderConfig = EncoderConfig()):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        plan = choose_plan(cfg.precision, self.device)
+        plan = choose_plan(cfg.precision, self.device, cfg.runtime)
+        torch_plan = choose_plan(cfg.precision, self.device, "torch")  # where an OpenVINO plan cannot run
         source = resolve_source(cfg.model, cfg.pretrained, cfg.allow_random_weights)
         self.model, self.tokenizer = load_open_clip(source, self.device)
         self.bridge = BridgeHead.load(source.local_dir, self.device) if source.local_dir else None
@@ -143,13 +155,28 @@ class ItemEncoder:
         self.resize_mode, self.interpolation = pp.get("resize_mode", "shortest"), pp.get("interpolation", "bicubic")
         mean = torch.tensor(pp["mean"], dtype=torch.float32, device=self.device)
         std = torch.tensor(pp["std"], dtype=torch.float32, device=self.device)
-        self.images = ImageRunner(self.model.visual, self.bridge, mean, std, self.device, plan, self.image_size)
-        self.text_dtype = {"fp16": torch.float16, "fp32": None}.get(plan.split("-")[0], torch.bfloat16)
-        self.text_plan = plan
+        self.images = ImageRunner(self.model.visual, self.bridge, mean, std, self.device, plan, self.image_size,
+                                  fallback=torch_plan)
+        self._text_torch_plan = torch_plan
+        self.text_plan = self._text_plan(plan)
         self._text_compiled: Any = None
+        self._text_openvino: OpenVINOModel | None = None
         self.dims = self._dims(source)
         self.identity = f"{source.label}@{self._fingerprint(pp)}"
         log.info("encoder %s on %s, plan %s, dims %s", self.identity, self.device, plan, self.dims)
+
+    def _text_plan(self, plan: str) -> str:
+        """The text tower's plan: as the image's, but OpenVINO runs text in bf16 where the CPU has it natively
+        (cosine 0.99997 to fp32 on MiniLM, 3x torch for one query) unless fp32 was asked for."""
+        if not plan.startswith("openvino"):
+            return plan
+        bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and cpu_has_native_bf16())
+        return "openvino-bf16" if bf16 else "openvino-fp32"
+
+    @property
+    def text_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the torch text forward (None: fp32)."""
+        return {"fp16": torch.float16, "fp32": None}.get(self.text_plan.split("-")[0], torch.bfloat16)
 
     @property
     def plan(self) -> str:
@@ -206,8 +233,36 @@ class ItemEncoder:
         if pad is not None:  # an HF tower: it masks padding, so trimming all-pad columns is exact
             tokens = trim_padding(tokens, pad)
         tokens = tokens.to(self.device)
+        if self.text_plan.startswith("openvino"):
+            return self._encode_text_openvino(tokens)
         if self.text_plan == "bf16-compiled" and len(texts) >= COMPILE_MIN_TEXTS:
             return self._encode_text_compiled(tokens)
+        return self._text_forward(self.model.encode_text, tokens)
+
+    def _encode_text_openvino(self, tokens: torch.Tensor) -> np.ndarray:
+        """The text tower run by OpenVINO; checked once against torch fp32, else the torch plan for good."""
+        first = self._text_openvino is None
+        if first:
+            precision = "bf16" if self.text_plan == "openvino-bf16" else "f32"
+            log.info("converting the text forward for OpenVINO (%s)", precision)
+            try:
+                self._text_openvino = OpenVINOModel(_TextForward(self.model), tokens, precision,
+                                                    torch.get_num_threads())
+            except Exception as e:  # the frontend raises many types (an unsupported op, a tracing error)
+                return self._text_fallback(f"OpenVINO could not run the text forward ({_first_line(e)})", tokens)
+        out = self._text_openvino(tokens)[0].astype(np.float32)
+        if first:
+            with torch.inference_mode():
+                ref = F.normalize(self.model.encode_text(tokens[:4]).float(), dim=-1).cpu().numpy()
+            worst = float((out[:len(ref)] * ref).sum(-1).min())
+            if worst < MIN_COSINE:
+                return self._text_fallback(f"OpenVINO text vectors reach only cosine {worst:.4f} to fp32", tokens)
+            log.info("%s text vectors: min cosine %.5f to fp32", self.text_plan, worst)
+        return out
+
+    def _text_fallback(self, why: str, tokens: torch.Tensor) -> np.ndarray:
+        log.warning("%s: %s instead", why, self._text_torch_plan)
+        self.text_plan, self._text_openvino = self._text_torch_plan, None
         return self._text_forward(self.model.encode_text, tokens)
 
     def _text_forward(self, fn: Any, tokens: torch.Tensor) -> np.ndarray:
@@ -250,6 +305,21 @@ class ItemEncoder:
         """A JSON-able summary (identity, dims, device, plan, config) for logs and collection metadata."""
         return {"identity": self.identity, "dims": self.dims, "device": self.device, "plan": self.plan,
                 "image_size": self.image_size, "config": asdict(self.cfg)}
+
+
+class _TextForward(torch.nn.Module):
+    """tokens -> unit text vectors: the graph OpenVINO converts."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def _square_size(size: Any) -> int:

@@ -2,9 +2,10 @@
 
 ``BridgeHead`` (the training-free bridge) and ``LinearHead`` (trained by the alignment job) map the visual
 features into the joint space. ``ImageRunner`` runs the forward under an execution plan chosen once per device
-(``choose_plan``): fp32, fp16 on CUDA, or on a CPU with native bf16 a ``torch.compile``d bf16 forward with
-BatchNorm folded in fp32 and the precision-sensitive first convolution kept in fp32, checked once against fp32
-(``MIN_COSINE``) with a loud fallback. Used by :class:`common.encoder.ItemEncoder`.
+(``choose_plan``): on the CPU OpenVINO in fp32 where it is installed; else fp32, fp16 on CUDA, or on a CPU with
+native bf16 a ``torch.compile``d bf16 forward with BatchNorm folded in fp32 and the precision-sensitive first
+convolution kept in fp32. Every plan but torch fp32 is checked once against torch fp32 (``MIN_COSINE``) with a
+loud fallback. Used by :class:`common.encoder.ItemEncoder`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import openvino_runtime
 from common.errors import ConfigError, ModelUnavailableError
 from common.model_assets import BRIDGE_FILE
 
@@ -121,15 +123,37 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def choose_plan(precision: str, device: str) -> str:
-    """The execution plan for the image tower: 'fp32', 'bf16', 'fp16' or 'bf16-compiled' (CPU only)."""
+def choose_plan(precision: str, device: str, runtime: str = "torch") -> str:
+    """The execution plan for the image tower.
+
+    With ``runtime`` 'torch': 'fp32', 'bf16', 'fp16' or 'bf16-compiled' (CPU only). With 'openvino' (CPU only):
+    'openvino-fp32', or 'openvino-bf16' when bf16 is asked for explicitly (it falls back to 'openvino-fp32' below
+    ``MIN_COSINE``: on EfficientNet-Lite0 it reached 0.990 for the bridge vector). 'auto' is 'openvino' on the
+    CPU where the package is installed, else 'torch'.
+    """
     if device == "cpu" and precision == "fp16":
         raise ConfigError("precision='fp16' needs CUDA; on the CPU use 'bf16', 'fp32' or 'auto'")
+    if resolve_runtime(runtime, device) == "openvino":
+        return "openvino-bf16" if precision == "bf16" else "openvino-fp32"
     if precision != "auto":
         return precision
     if device == "cuda":
         return "fp16"
     return "bf16-compiled" if cpu_has_native_bf16() else "fp32"
+
+
+def resolve_runtime(runtime: str, device: str) -> str:
+    """'auto' -> 'openvino' on the CPU where it is installed, else 'torch'; 'openvino' needs both."""
+    if runtime == "openvino":
+        if device != "cpu":
+            raise ConfigError("runtime='openvino' runs on the CPU: use device='cpu', or runtime='torch' on CUDA")
+        if not openvino_runtime.available():
+            raise ConfigError("runtime='openvino' needs the openvino package: pip install openvino "
+                              "(or use runtime='torch')")
+        return runtime
+    if runtime == "auto":
+        return "openvino" if device == "cpu" and openvino_runtime.available() else "torch"
+    return runtime
 
 
 def resolve_device(device: str) -> str:
@@ -219,17 +243,24 @@ def fast_copy(forward: ImageForward, lowp: torch.dtype, size: int) -> ImageForwa
 
 
 class ImageRunner:
-    """Runs the image forward under a plan, compiling lazily and checking low precision against fp32 once."""
+    """Runs the image forward under a plan, converting or compiling lazily, checking low precision once.
+
+    A plan that cannot run (OpenVINO cannot convert the tower, inductor cannot compile it) falls back, loudly, to
+    ``fallback`` (the torch plan for the same precision); a result that drifts from fp32 falls back to fp32.
+    """
 
     def __init__(self, visual: torch.nn.Module, bridge: VisualHead | None, mean: torch.Tensor, std: torch.Tensor,
-                 device: str, plan: str, size: int):
+                 device: str, plan: str, size: int, fallback: str = "fp32"):
         visual.to(memory_format=torch.channels_last)
-        lowp = {"fp32": None, "fp16": torch.float16}.get(plan, torch.bfloat16)
-        self.device, self.plan = device, plan
+        self.device, self.size, self.fallback = device, size, fallback
         self.fp32 = ImageForward(visual, bridge, mean, std, None).eval()
-        self.eager = self.fp32 if lowp is None else fast_copy(self.fp32, lowp, size)
-        self.compiled: Any = None
         self.checked: set[str] = set()
+        self._use(plan)
+
+    def _use(self, plan: str) -> None:
+        lowp = {"fp16": torch.float16, "bf16": torch.bfloat16, "bf16-compiled": torch.bfloat16}.get(plan)
+        self.plan, self.compiled, self.openvino = plan, None, None
+        self.eager = self.fp32 if lowp is None else fast_copy(self.fp32, lowp, self.size)
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
@@ -237,15 +268,31 @@ class ImageRunner:
             if not pixels.flags.writeable:  # e.g. zero-copy Arrow batches; torch.from_numpy wants writable memory
                 pixels = pixels.copy()
             x = torch.from_numpy(pixels).to(self.device)
-            chunks = [x[i:i + COMPILE_BATCH] for i in range(0, len(x), COMPILE_BATCH)]
-            if self.plan == "bf16-compiled" and len(x) >= COMPILE_MIN_IMAGES:
-                outs = [self._run_compiled(c) for c in chunks]
-            else:
-                outs = [self._run_checked("eager", self.eager, c) for c in chunks]
+            outs = [self._run(x[i:i + COMPILE_BATCH], len(x)) for i in range(0, len(x), COMPILE_BATCH)]
         return (np.concatenate([o[0] for o in outs]).astype(np.float32),
                 np.concatenate([o[1] for o in outs]).astype(np.float32))
 
-    def _run_compiled(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, x: torch.Tensor, call_size: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.plan.startswith("openvino"):
+            return self._run_openvino(x, call_size)
+        if self.plan == "bf16-compiled" and call_size >= COMPILE_MIN_IMAGES:
+            return self._run_compiled(x, call_size)
+        return self._run_checked("eager", self.eager, x, call_size)
+
+    def _run_openvino(self, x: torch.Tensor, call_size: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.openvino is None:
+            precision = "bf16" if self.plan == "openvino-bf16" else "f32"
+            log.info("converting the image forward for OpenVINO (%s)", precision)
+            try:
+                self.openvino = openvino_runtime.OpenVINOModel(self.fp32, x, precision, torch.get_num_threads())
+            except Exception as e:  # the frontend raises many types (an unsupported op, a tracing error)
+                log.warning("OpenVINO could not run the image forward (%s): %s instead",
+                            str(e).splitlines()[0][:200] if str(e) else type(e).__name__, self.fallback)
+                self._use(self.fallback)
+                return self._run(x, call_size)
+        return self._run_checked(self.plan, self.openvino, x, call_size)
+
+    def _run_compiled(self, x: torch.Tensor, call_size: int) -> tuple[np.ndarray, np.ndarray]:
         import torch._inductor.config as inductor_config
 
         n = len(x)
@@ -256,15 +303,15 @@ class ImageRunner:
             self.compiled = torch.compile(self.eager, dynamic=False)
         try:
             with inductor_config.patch(freezing=True):  # weights become constants: oneDNN prepacks them
-                v, i = self._run_checked("compiled", self.compiled, x)
+                v, i = self._run_checked("compiled", self.compiled, x, call_size)
         except Exception as e:  # inductor raises many types (no compiler, codegen errors): fall back, loudly
             log.warning("torch.compile failed (%s): encoding with eager bf16 instead", str(e).splitlines()[0][:200])
             self.plan, self.compiled = "bf16", None
-            v, i = self._run_checked("eager", self.eager, x)
+            v, i = self._run_checked("eager", self.eager, x, call_size)
         return v[:n], i[:n]
 
-    def _run_checked(self, name: str, fn: Any, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        v, i = (t.float().cpu().numpy() for t in fn(x))
+    def _run_checked(self, name: str, fn: Any, x: torch.Tensor, call_size: int) -> tuple[np.ndarray, np.ndarray]:
+        v, i = (t.float().cpu().numpy() if isinstance(t, torch.Tensor) else t for t in fn(x))
         if fn is self.fp32 or name in self.checked:
             return v, i
         k = min(4, len(x))
@@ -272,9 +319,10 @@ class ImageRunner:
         worst = float(min((v[:k] * rv).sum(-1).min(), (i[:k] * ri).sum(-1).min()))
         self.checked.add(name)
         if worst < MIN_COSINE:
-            log.warning("%s %s image vectors reach only cosine %.4f to fp32 (< %.2f): using fp32", self.plan, name,
-                        worst, MIN_COSINE)
-            self.plan, self.eager, self.compiled = "fp32", self.fp32, None
-            return tuple(t.cpu().numpy() for t in self.fp32(x))
+            drift = "openvino-fp32" if self.plan == "openvino-bf16" else "fp32"
+            log.warning("%s %s image vectors reach only cosine %.4f to fp32 (< %.2f): using %s", self.plan, name,
+                        worst, MIN_COSINE, drift)
+            self._use(drift)
+            return self._run(x, call_size)
         log.info("%s %s image vectors: min cosine %.5f to fp32", self.plan, name, worst)
         return v, i

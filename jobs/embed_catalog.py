@@ -297,6 +297,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--model", help="open_clip architecture or preset (default: vitrine-effnet-minilm-aligned)")
     p.add_argument("--pretrained", help="pretrained tag, weights file or local-dir:PATH")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--runtime", choices=["auto", "torch", "openvino"],
+                   help="the towers' runtime (default auto: OpenVINO on the CPU where installed, torch on CUDA)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--encoders", type=int, help="encoder actors (default: one per GPU, or per 2 CPUs)")
     p.add_argument("--gpus-per-encoder", type=float)
@@ -310,7 +312,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def config_from_args(args: argparse.Namespace) -> EmbedConfig:
     values = values_from_args(args, ("catalog", "collection", "store_uri", "artifacts_uri", "batch_size", "encoders",
                                      "gpus_per_encoder", "index", "prune", "recreate", "ray_address"),
-                              {"encoder": ("model", "pretrained", "precision")},
+                              {"encoder": ("model", "pretrained", "precision", "runtime")},
                               uris=("store_uri", "artifacts_uri", "catalog"))
     return from_mapping(EmbedConfig, values)
 

@@ -22,14 +22,15 @@ DRESS, BOOT, SNEAKER = 3, 9, 7
 
 @pytest.fixture(scope="module")
 def encoder() -> ItemEncoder:
-    """The default preset in fp32 (exact oracles); built into the cache on first use."""
-    return ItemEncoder(EncoderConfig(precision="fp32", device="cpu"))
+    """The default preset in torch fp32 (exact oracles); built into the cache on first use."""
+    return ItemEncoder(EncoderConfig(precision="fp32", device="cpu", runtime="torch"))
 
 
 @pytest.fixture(scope="module")
 def base_encoder() -> ItemEncoder:
-    """The base preset (pretrained towers + training-free bridge) in fp32."""
-    return ItemEncoder(EncoderConfig(model=model_assets.BASE_MODEL_NAME, precision="fp32", device="cpu"))
+    """The base preset (pretrained towers + training-free bridge) in torch fp32."""
+    return ItemEncoder(EncoderConfig(model=model_assets.BASE_MODEL_NAME, precision="fp32", device="cpu",
+                                     runtime="torch"))
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,7 @@ def test_a_copied_local_dir_loads_with_the_same_identity(encoder, tmp_path):
 @pytest.mark.parametrize("kwargs, echoed", [
     ({"device": "tpu"}, "'tpu'"),
     ({"precision": "int8"}, "'int8'"),
+    ({"runtime": "tensorrt"}, "'tensorrt'"),
     ({"image_weight": -1.0}, "-1.0"),
     ({"text_weight": float("nan")}, "nan"),
     ({"image_weight": 0.0, "text_weight": 0.0}, "0.0"),
@@ -240,7 +242,7 @@ def test_low_precision_plan_stays_within_cosine_of_fp32(encoder, fm_train):
     images, _ = fm_train
     pixels = _pixels(encoder, images[:4])
     reference = encoder.encode_images(pixels)
-    bf16 = ItemEncoder(EncoderConfig(precision="bf16", device="cpu"))  # eager bf16: no compilation in tests
+    bf16 = ItemEncoder(EncoderConfig(precision="bf16", device="cpu", runtime="torch"))  # eager: no compilation
     out = bf16.encode_images(pixels)
     assert bf16.plan == "bf16" and bf16.identity == encoder.identity
     for kind in ("visual", "image"):
@@ -251,7 +253,7 @@ TITLES = [f"{c} number {i}" for i, c in enumerate(CATEGORY_NAMES * 2)]  # 20 str
 
 
 def test_a_failing_text_compile_falls_back_to_eager_loudly(monkeypatch, caplog):
-    enc = ItemEncoder(EncoderConfig(precision="bf16", device="cpu"))
+    enc = ItemEncoder(EncoderConfig(precision="bf16", device="cpu", runtime="torch"))
     eager = enc.encode_texts(TITLES)
 
     def broken(fn, **kwargs):
@@ -269,7 +271,7 @@ def test_a_failing_text_compile_falls_back_to_eager_loudly(monkeypatch, caplog):
 
 @pytest.mark.slow
 def test_compiled_text_tower_stays_within_cosine_of_fp32(encoder):
-    enc = ItemEncoder(EncoderConfig(precision="bf16", device="cpu"))
+    enc = ItemEncoder(EncoderConfig(precision="bf16", device="cpu", runtime="torch"))
     enc.text_plan = "bf16-compiled"  # what precision="auto" picks on a CPU with native bf16
     out = enc.encode_texts(TITLES)
     assert enc.text_plan == "bf16-compiled"
