@@ -120,7 +120,9 @@ def test_openvino_runtime_is_refused_where_it_cannot_run(monkeypatch):
 
 def test_openvino_model_runs_a_module_with_dynamic_shapes():
     module = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
-    model = openvino_runtime.OpenVINOModel(module, torch.zeros(2, 8))
+    model = openvino_runtime.OpenVINOModel(module, torch.zeros(2, 8), threads=1)
+    assert model.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert model.compiled.get_property("ENABLE_CPU_PINNING") is False  # replicas share cores: never pinned
     x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
     with torch.no_grad():
         expected = module(torch.from_numpy(x)).numpy()
