@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_ITEM ?= fm-000299
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo serve serve-stop test test-all test-cluster bench bench-serve quality eval milvus-stop clean
+.PHONY: install demo serve serve-stop test test-all test-gpu test-cluster bench bench-serve quality eval milvus-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test: install
 # Everything, the slow and real-server tests included.
 test-all: install
 	$(PY) -m pytest -q -m "not gpu"
+
+# The GPU paths (tests/gpu/), on a machine with CUDA; each test skips without one.
+test-gpu: install
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 # A head and a worker node on this machine: a job on both nodes, a node killed mid-job and under the Serve graph
 # (slow, ~3.5 minutes).

@@ -48,7 +48,7 @@ def tiny(tmp_path_factory, ray_local, store_dir):
         {**good, "title": "a duplicate of the first item"},
     ])
     catalog = write(pd.concat([df, bad], ignore_index=True), tmp / "catalog.parquet")
-    # fp32: for 30 items compiling the bf16 forward costs more than it saves (the CLI tests run "auto").
+    # fp32 (OpenVINO where installed): for 30 items a bf16 compile costs more than it saves (the CLI runs "auto").
     cfg = EmbedConfig(catalog=catalog, collection="tiny", store_uri=store_dir, batch_size=8,
                       artifacts_uri=str(tmp / "artifacts"), encoder=EncoderConfig(precision="fp32"))
     return {"df": df, "cfg": cfg, "tmp": tmp, "result": run(cfg)}

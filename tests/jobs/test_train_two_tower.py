@@ -29,16 +29,20 @@ def fake_embed_snapshot(artifacts: str, base: str, items: np.ndarray, vectors: n
     store.publish("embeddings", base, version, {"result": {"embeddings_uri": uri}, "encoder_identity": "fake@1"})
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("two_tower")
+def planted_inputs(tmp: Path, collection: str = "tiny") -> dict:
+    """The planted world's events file and a fake embeddings snapshot for ``collection``, under ``tmp``."""
     w = planted()
     data = w["data"]
     events = tmp / "events.parquet"
     data.events.to_parquet(events, index=False)
     artifacts = str(tmp / "artifacts")
-    fake_embed_snapshot(artifacts, "tiny", data.interactions.items, data.item_vectors)
+    fake_embed_snapshot(artifacts, collection, data.interactions.items, data.item_vectors)
     return {**w, "events": str(events), "artifacts": artifacts, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    return planted_inputs(tmp_path_factory.mktemp("two_tower"))
 
 
 def config(world: dict, store_dir: str, **kw) -> TrainTwoTowerConfig:
