@@ -26,8 +26,10 @@ the caller set ``HF_HUB_OFFLINE`` explicitly (``HF_HUB_OFFLINE=0`` lets open_cli
 
 Speed on CPU: ``runtime="auto"`` runs both towers with OpenVINO where the ``openvino`` package is installed (a
 dependency): the image tower in fp32, which here is both exact and faster than torch's best bf16 plan, and the
-text tower in bf16 where the CPU has it natively (:mod:`common.openvino_runtime`); each is converted lazily at
-its first call (seconds) and checked once against torch fp32, falling back, loudly, to the torch plan.
+text tower in bf16 where the CPU has it natively (:mod:`common.openvino_runtime`); each is converted lazily (about
+a second for the text tower, four for the image tower) and checked once against torch fp32, falling back,
+loudly, to the torch plan. The image tower converts at its first call; the text tower at its first call of at
+least ``COMPILE_MIN_TEXTS`` strings or at ``warm_up()`` (a one-off query, as the CLI's, runs eager torch).
 With ``runtime="torch"``, ``precision="auto"`` picks, where the CPU has native bf16 (AVX512-bf16/AMX), bf16
 autocast with channels_last, compiled by torch.compile (inductor, freezing) for fixed chunks of
 ``COMPILE_BATCH`` images; it compiles lazily at the first call with at least ``COMPILE_MIN_IMAGES`` images
@@ -63,7 +65,7 @@ log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RUNTIMES = ("auto", "torch", "openvino")
-COMPILE_MIN_TEXTS = 16  # text calls with fewer strings (a search query) run eagerly
+COMPILE_MIN_TEXTS = 16  # text calls with fewer strings (a one-off search query) run eager torch until warm_up()
 TEXT_BATCH = 256
 _RESIZE_MODES = ("shortest", "longest", "squash")
 
@@ -175,8 +177,15 @@ class ItemEncoder:
 
     @property
     def text_dtype(self) -> torch.dtype | None:
-        """The autocast dtype of the torch text forward (None: fp32)."""
-        return {"fp16": torch.float16, "fp32": None}.get(self.text_plan.split("-")[0], torch.bfloat16)
+        """The autocast dtype of the torch text forward (None: fp32); OpenVINO plans' small calls run torch's."""
+        plan = self._text_torch_plan if self.text_plan.startswith("openvino") else self.text_plan
+        return {"fp16": torch.float16, "fp32": None}.get(plan.split("-")[0], torch.bfloat16)
+
+    def warm_up(self) -> None:
+        """Prepare the text tower's plan now (OpenVINO: convert it, and from then on run every call on it; torch
+        compiled: compile it): for a long-lived holder, the service's text encoder, whose single queries would
+        otherwise run eager torch."""
+        self.encode_texts(["warm up"] * COMPILE_MIN_TEXTS)
 
     @property
     def plan(self) -> str:
@@ -233,7 +242,7 @@ class ItemEncoder:
         if pad is not None:  # an HF tower: it masks padding, so trimming all-pad columns is exact
             tokens = trim_padding(tokens, pad)
         tokens = tokens.to(self.device)
-        if self.text_plan.startswith("openvino"):
+        if self.text_plan.startswith("openvino") and (self._text_openvino or len(texts) >= COMPILE_MIN_TEXTS):
             return self._encode_text_openvino(tokens)
         if self.text_plan == "bf16-compiled" and len(texts) >= COMPILE_MIN_TEXTS:
             return self._encode_text_compiled(tokens)

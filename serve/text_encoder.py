@@ -31,7 +31,8 @@ class TextEncoder:
         if manifest.get("encoder_identity") and manifest["encoder_identity"] != self.identity:
             raise ConfigError(f"the catalogue was embedded with {manifest['encoder_identity']}, "
                               f"but the text encoder loaded {self.identity}")
-        log.info("text encoder ready: %s", self.identity)
+        self.encoder.warm_up()  # convert the tower now, not at the first search (and run queries on it)
+        log.info("text encoder ready: %s, plan %s", self.identity, self.encoder.text_plan)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode(self, queries: list[str]) -> list[np.ndarray]:
