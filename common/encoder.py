@@ -238,7 +238,7 @@ class ItemEncoder:
 
     def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
         tokens = self.tokenizer(texts)
-        pad = getattr(getattr(self.model.text, "config", None), "pad_token_id", None)
+        pad = getattr(getattr(getattr(self.model, "text", None), "config", None), "pad_token_id", None)
         if pad is not None:  # an HF tower: it masks padding, so trimming all-pad columns is exact
             tokens = trim_padding(tokens, pad)
         tokens = tokens.to(self.device)

@@ -132,3 +132,21 @@ def test_openvino_model_runs_a_module_with_dynamic_shapes():
     np.testing.assert_allclose(out, expected, atol=1e-5)
     with pytest.raises(ValueError, match="precision"):
         openvino_runtime.OpenVINOModel(module, torch.zeros(2, 8), precision="int4")
+
+
+def test_a_clip_architecture_runs_both_runtimes_alike():
+    """ViT-B-32 (what a user with internet runs, with laion2b_s34b_b79k): open_clip's own CLIP class, not the
+    preset's CustomTextCLIP. Random weights here (no download), announced loudly by the encoder."""
+    torch.manual_seed(0)
+    reference = ItemEncoder(EncoderConfig(model="ViT-B-32", allow_random_weights=True, precision="fp32",
+                                          runtime="torch", device="cpu"))
+    torch.manual_seed(0)
+    default = ItemEncoder(EncoderConfig(model="ViT-B-32", allow_random_weights=True, device="cpu"))
+    assert default.identity == reference.identity and default.dims == {k: 512 for k in default.dims}
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    texts = TEXTS * 4  # enough strings to convert the text tower
+    got, expected = default.encode_images(pixels), reference.encode_images(pixels)
+    assert default.plan == "openvino-fp32"
+    assert _cos(got["image"], expected["image"]).min() > 0.9999
+    assert _cos(default.encode_texts(texts), reference.encode_texts(texts)).min() > 0.999
+    assert default.text_plan.startswith("openvino")
