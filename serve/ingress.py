@@ -154,7 +154,8 @@ class Ingress:
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
         try:
-            stages = {"retriever": await self.retriever.ready.remote(), "reranker": await self.reranker.ready.remote()}
+            stages = {"retriever": await self.retriever.ready.remote(), "reranker": await self.reranker.ready.remote(),
+                      "business_filter": {"replica": await self.filter.replica.remote()}}
         except Exception as e:  # noqa: BLE001 - readiness reports any failure as not ready
             response = error_response(e)
             return JSONResponse({"status": "not ready", "error": response.body.decode()},

@@ -36,6 +36,7 @@ def test_health_readiness_and_openapi(service):
     ready = ok(service, "/readyz")
     assert ready["status"] == "ready" and ready["retriever"]["items"] == len(items(service))
     assert ready["reranker"]["ranker"].startswith("ranker:")
+    assert ready["business_filter"]["replica"]  # every stage answers before the service says it is ready
     paths = ok(service, "/openapi.json")["paths"]
     assert {"/items/{item_id}/similar", "/items/{item_id}/bought-together", "/users/{user_id}/recommendations",
             "/search", "/events", "/healthz", "/readyz"} <= set(paths)
