@@ -56,7 +56,7 @@ def phase_bare(n: int, batch: int, precision: str, runtime: str) -> dict[str, An
     import numpy as np
 
     warm = np.stack(pixels[:batch])
-    enc.fuse(enc.encode_images(warm)["image"], enc.encode_texts(texts[:batch]))  # compile outside the clock
+    enc.fuse(enc.encode_images(warm)["image"], enc.encode_texts(texts[:batch]))  # convert or compile outside the clock
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
         images = enc.encode_images(np.stack(pixels[i:i + batch]))

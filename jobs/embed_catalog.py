@@ -73,7 +73,7 @@ class EmbedResult:
     removed: int  # items removed from the store (left the catalogue or quarantined)
     quarantined: int
     seconds: float
-    steady_items_per_s: float  # pipeline rate after its first output batch (actor start-up and compilation excluded)
+    steady_items_per_s: float  # pipeline rate after its first output batch (actor start-up, conversion excluded)
     embeddings_uri: str
     quarantine_uri: str | None
 
