@@ -14,7 +14,7 @@ from typing import Any
 from ray import serve
 
 from common.business_rules import BusinessRules, apply_rules
-from serve.messages import Ranking
+from serve.messages import Ranking, load_in_replica
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 @serve.deployment
 class BusinessFilter:
     def __init__(self) -> None:
+        load_in_replica(self)
         self.rules = BusinessRules()
 
     def reconfigure(self, config: Mapping[str, Any] | None) -> None:

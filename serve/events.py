@@ -26,6 +26,7 @@ from common.locks import RecentSet, StripedLocks
 from common.session_store import SessionStore
 from common.vector_store import open_store
 from serve.config import ServeConfig
+from serve.messages import load_in_replica
 from serve.retriever import sessions_collection
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 @serve.deployment
 class EventSink:
     def __init__(self, cfg: ServeConfig, compacts: bool = False) -> None:
+        load_in_replica(self)
         self.store = open_store(cfg.store_uri, connect_timeout=cfg.store_timeout_s,
                                 call_timeout=cfg.store_timeout_s, search_ef=cfg.search_ef)
         self.content = collection_name(cfg.collection, cfg.kind)

@@ -23,7 +23,7 @@ from common.errors import ConfigError, NotFoundError, StoreUnavailableError, Vit
 from common.user_history import segment_of
 from serve.config import MAX_EVENTS, MAX_K, ServeConfig
 from serve.events import merge_answers, partial_answer, split_by_user
-from serve.messages import Ranking
+from serve.messages import Ranking, load_in_replica
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class Ingress:
 
     def __init__(self, cfg: ServeConfig, retriever: DeploymentHandle, reranker: DeploymentHandle,
                  business_filter: DeploymentHandle, sinks: list[DeploymentHandle]) -> None:
+        load_in_replica(self)
         self.cfg = cfg
         self.retriever, self.reranker, self.filter, self.sinks = retriever, reranker, business_filter, list(sinks)
         self._rules: BusinessRules | None = None

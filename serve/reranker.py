@@ -20,7 +20,7 @@ from common.item_table import ItemTable, watch_snapshots
 from common.ranking import KIND, ItemStats, Ranker, feature_matrix, load_latest_ranker, mmr
 from common.refresher import Refresher
 from serve.config import ServeConfig
-from serve.messages import Ranking, Retrieval
+from serve.messages import Ranking, Retrieval, load_in_replica
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ PRIMARY = {"similar": ("item", "learned"), "bought_together": ("rules",), "searc
 @serve.deployment
 class Reranker:
     def __init__(self, cfg: ServeConfig) -> None:
+        load_in_replica(self)
         self.cfg = cfg
         self.published: LatestArtifact[Ranker] | None = None  # "latest": newer rankers are swapped in as published
         if cfg.ranker == "none":

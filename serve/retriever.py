@@ -7,6 +7,7 @@ query through the text tower), ``rules`` (frequently bought together) and ``popu
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -34,7 +35,7 @@ from common.user_history import UserHistory
 from common.vector_store import Hit, open_store
 from serve.config import ServeConfig
 from serve.learned import LearnedModels, LearnedVectors
-from serve.messages import Retrieval
+from serve.messages import Retrieval, load_in_replica
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Known:
 @serve.deployment
 class Retriever:
     def __init__(self, cfg: ServeConfig, text_encoder: DeploymentHandle | None = None) -> None:
+        load_in_replica(self)
         self.cfg = cfg
         self.store = open_store(cfg.store_uri, connect_timeout=cfg.store_timeout_s,
                                 call_timeout=cfg.store_timeout_s, search_ef=cfg.search_ef)
@@ -134,7 +136,14 @@ class Retriever:
     def rules(self) -> BoughtTogether | None:
         return self.published_rules.value
 
-    def ready(self) -> dict[str, Any]:
+    async def ready(self) -> dict[str, Any]:
+        """What this stage serves; the text encoder's too, so that the service is ready only once search is."""
+        state = await asyncio.get_running_loop().run_in_executor(self._pool, self._state)
+        if self.text_encoder is not None:
+            state["text_encoder"] = await self.text_encoder.ready.remote()
+        return state
+
+    def _state(self) -> dict[str, Any]:
         items = self.store.count(self.content)  # raises StoreUnavailableError when Milvus is down
         return {"items": items, "users": len(self.history.seen), "rules": self.published_rules.version,
                 "history": {"events": self.known.value.events, "refreshes": self.known.refreshes},

@@ -14,6 +14,7 @@ from common.artifacts import ArtifactStore
 from common.config import from_mapping
 from common.errors import ConfigError
 from serve.config import ServeConfig
+from serve.messages import load_in_replica
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ MAX_QUERY_CHARS = 512  # longer queries are refused (the text tower reads a few 
 @serve.deployment
 class TextEncoder:
     def __init__(self, cfg: ServeConfig) -> None:
+        load_in_replica(self)
         from common.encoder import EncoderConfig, ItemEncoder
 
         manifest = ArtifactStore(cfg.artifacts_uri).manifest("embeddings", cfg.collection)
@@ -33,6 +35,9 @@ class TextEncoder:
                               f"but the text encoder loaded {self.identity}")
         self.encoder.warm_up()  # convert the tower now, not at the first search (and run queries on it)
         log.info("text encoder ready: %s, plan %s", self.identity, self.encoder.text_plan)
+
+    def ready(self) -> dict[str, str]:
+        return {"model": self.identity, "plan": self.encoder.text_plan}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode(self, queries: list[str]) -> list[np.ndarray]:

@@ -94,7 +94,8 @@ def wait_ready(url: str, timeout: float = 120.0) -> None:
 
 @pytest.fixture(scope="session")
 def service(shop):
-    """The graph deployed as `vitrine serve` does (a declarative Serve config); yields its base URL and config; shut down at the end."""
+    """The graph deployed as `vitrine serve` does (a declarative Serve config); yields its base URL and config;
+    shut down at the end."""
     from ray import serve
 
     from serve.launch import deploy

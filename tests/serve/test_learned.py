@@ -23,7 +23,7 @@ def _planted(reason: dict) -> bool:
 
 
 def _graphsage(retriever) -> str | None:
-    return retriever.ready()["learned"].get("graphsage")
+    return retriever._state()["learned"].get("graphsage")
 
 
 def _learned_top(retriever, user: str) -> str | None:

@@ -37,6 +37,7 @@ def test_health_readiness_and_openapi(service):
     assert ready["status"] == "ready" and ready["retriever"]["items"] == len(items(service))
     assert ready["reranker"]["ranker"].startswith("ranker:")
     assert ready["business_filter"]["replica"]  # every stage answers before the service says it is ready
+    assert ready["retriever"]["text_encoder"]["model"].startswith("vitrine-effnet-minilm")
     paths = ok(service, "/openapi.json")["paths"]
     assert {"/items/{item_id}/similar", "/items/{item_id}/bought-together", "/users/{user_id}/recommendations",
             "/search", "/events", "/healthz", "/readyz"} <= set(paths)
