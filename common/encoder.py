@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.errors import ConfigError
+from common.errors import ConfigError, first_line
 from common.image_forward import (MIN_COSINE, BridgeHead, ImageRunner, choose_plan, cpu_has_native_bf16,
                                   resolve_device)
 from common.model_assets import (DEFAULT_MODEL_NAME, ModelSource, load_open_clip, resolve_source,
@@ -242,7 +242,8 @@ class ItemEncoder:
         if pad is not None:  # an HF tower: it masks padding, so trimming all-pad columns is exact
             tokens = trim_padding(tokens, pad)
         tokens = tokens.to(self.device)
-        if self.text_plan.startswith("openvino") and (self._text_openvino or len(texts) >= COMPILE_MIN_TEXTS):
+        if self.text_plan.startswith("openvino") and (self._text_openvino is not None
+                                                     or len(texts) >= COMPILE_MIN_TEXTS):
             return self._encode_text_openvino(tokens)
         if self.text_plan == "bf16-compiled" and len(texts) >= COMPILE_MIN_TEXTS:
             return self._encode_text_compiled(tokens)
@@ -258,7 +259,7 @@ class ItemEncoder:
                 self._text_openvino = OpenVINOModel(_TextForward(self.model), tokens, precision,
                                                     torch.get_num_threads())
             except Exception as e:  # the frontend raises many types (an unsupported op, a tracing error)
-                return self._text_fallback(f"OpenVINO could not run the text forward ({_first_line(e)})", tokens)
+                return self._text_fallback(f"OpenVINO could not run the text forward ({first_line(e)})", tokens)
         out = self._text_openvino(tokens)[0].astype(np.float32)
         if first:
             with torch.inference_mode():
@@ -289,8 +290,7 @@ class ItemEncoder:
         try:
             out = self._text_forward(self._text_compiled, tokens)
         except Exception as e:  # inductor raises many types (no compiler, codegen errors): fall back, loudly
-            log.warning("torch.compile failed for the text tower (%s): eager bf16 instead",
-                        str(e).splitlines()[0][:200])
+            log.warning("torch.compile failed for the text tower (%s): eager bf16 instead", first_line(e))
             self.text_plan, self._text_compiled = "bf16", None
             return self._text_forward(self.model.encode_text, tokens)
         if first:
@@ -325,10 +325,6 @@ class _TextForward(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def _square_size(size: Any) -> int:

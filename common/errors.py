@@ -47,3 +47,9 @@ class EmptyProfileError(VitrineError, ValueError):
 
 class TrainingFailedError(VitrineError):
     """A training job did not finish: Ray Train gave up after ``max_failures`` restarts (the cause is chained)."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line, bounded, for a one-line message (its type when it has no message)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common import openvino_runtime
-from common.errors import ConfigError, ModelUnavailableError
+from common.errors import ConfigError, ModelUnavailableError, first_line
 from common.model_assets import BRIDGE_FILE
 
 log = logging.getLogger(__name__)
@@ -286,8 +286,7 @@ class ImageRunner:
             try:
                 self.openvino = openvino_runtime.OpenVINOModel(self.fp32, x, precision, torch.get_num_threads())
             except Exception as e:  # the frontend raises many types (an unsupported op, a tracing error)
-                log.warning("OpenVINO could not run the image forward (%s): %s instead",
-                            str(e).splitlines()[0][:200] if str(e) else type(e).__name__, self.fallback)
+                log.warning("OpenVINO could not run the image forward (%s): %s instead", first_line(e), self.fallback)
                 self._use(self.fallback)
                 return self._run(x, call_size)
         return self._run_checked(self.plan, self.openvino, x, call_size)
@@ -305,7 +304,7 @@ class ImageRunner:
             with inductor_config.patch(freezing=True):  # weights become constants: oneDNN prepacks them
                 v, i = self._run_checked("compiled", self.compiled, x, call_size)
         except Exception as e:  # inductor raises many types (no compiler, codegen errors): fall back, loudly
-            log.warning("torch.compile failed (%s): encoding with eager bf16 instead", str(e).splitlines()[0][:200])
+            log.warning("torch.compile failed (%s): encoding with eager bf16 instead", first_line(e))
             self.plan, self.compiled = "bf16", None
             v, i = self._run_checked("eager", self.eager, x, call_size)
         return v[:n], i[:n]

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import cache_dir
-from common.errors import ConfigError, ModelUnavailableError
+from common.errors import ConfigError, ModelUnavailableError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +495,7 @@ def load_open_clip(source: ModelSource, device: str) -> tuple[Any, Any]:
         hint = (" Hugging Face is offline (HF_HUB_OFFLINE=1): pass pretrained=<weights file>, or set HF_HUB_OFFLINE=0 "
                 "where the network is reachable." if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
         raise ModelUnavailableError(f"cannot load {source.label} ({source.name}, pretrained={source.pretrained!r}): "
-                                    f"{str(e).splitlines()[0][:200]}.{hint}") from e
+                                    f"{first_line(e)}.{hint}") from e
     return model.eval().requires_grad_(False), tokenizer
 
 

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-from common.errors import ConfigError
+from common.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Refresher(Generic[V, T]):
         except Exception as e:  # noqa: BLE001 - a bad new source must not take the service down
             self.failures += 1
             log.warning("%s: building from %s failed (%s: %s); keeping the current one", self.name,
-                        _short(version), type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                        _short(version), type(e).__name__, first_line(e))
             return False
         self._state = (version, value)
         self.refreshes += 1

@@ -42,6 +42,7 @@ from common.errors import (
     NotFoundError,
     StoreError,
     StoreUnavailableError,
+    first_line,
 )
 from common.store_schema import (
     MAX_ID_LENGTH,
@@ -473,7 +474,7 @@ class MilvusStore:
                     self._fresh_paused_until = time.monotonic() + FRESH_BACKOFF_S
                     logger.warning("a fresh read of %s failed or took over %.1f s; reading without waiting for the "
                                    "next %.0f s (%d stale reads so far): %s", name, self._fresh_timeout,
-                                   FRESH_BACKOFF_S, self.stale_reads, str(e).splitlines()[0][:200])
+                                   FRESH_BACKOFF_S, self.stale_reads, first_line(e))
         if rows is None:
             rows = self._get_rows(name, wanted, fields, consistency=consistency)
         found = {row[PRIMARY_KEY]: row for row in rows}
