@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     base = [sys.executable, str(Path(__file__).resolve()), "--items", str(args.items), "--naive-items",
             str(args.naive_items), "--batch", str(args.batch), "--precision", args.precision,
             "--runtime", args.runtime, "--encoders", str(args.encoders), "--phase"]
-    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(),
+                                          "processor": platform.processor() or platform.machine(),
                                           "python": platform.python_version()}}
     for phase in args.phases:
         result, peak = _sampled([*base, phase])

@@ -33,7 +33,6 @@ class Ranking:
     pinned_fields: dict[str, dict] = field(default_factory=dict)  # the retrieval's pinned items' fields
 
 
-
 def load_in_replica(deployment: object) -> None:
     """Import the module of ``deployment``'s class, with all it imports, in a Serve replica as it starts.
 
