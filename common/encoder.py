@@ -169,7 +169,7 @@ class ItemEncoder:
 
     def _text_plan(self, plan: str) -> str:
         """The text tower's plan: as the image's, but OpenVINO runs text in bf16 where the CPU has it natively
-        (cosine 0.99997 to fp32 on MiniLM, 3x torch for one query) unless fp32 was asked for."""
+        (cosine >= 0.9999 to fp32 on MiniLM, 3x torch for one query) unless fp32 was asked for."""
         if not plan.startswith("openvino"):
             return plan
         bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and cpu_has_native_bf16())
