@@ -125,3 +125,13 @@ def test_the_manifest_records_the_encoder(tiny):
                            tiny["result"].version / "manifest.json").read_text())
     assert manifest["encoder_identity"]
     assert manifest["result"]["quarantined"] == 4
+    assert manifest["encoder"]["runtime"] == "auto"  # the service's text encoder loads it as recorded
+
+
+def test_encoder_flags_become_the_encoder_config():
+    from jobs.embed_catalog import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--runtime", "torch", "--precision", "fp32"]))
+    assert (cfg.encoder.runtime, cfg.encoder.precision) == ("torch", "fp32")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--runtime", "tensorrt"])
