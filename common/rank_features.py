@@ -110,6 +110,12 @@ class ItemStats:
         return cls(popularity=dict(zip(ids, pop.astype(float))),
                    recency=dict(zip(ids, by_item["recent"].to_numpy(float))))
 
+    def only(self, items: Iterable[str]) -> ItemStats:
+        """The statistics of ``items`` alone (what one request's candidates need, to send with them)."""
+        wanted = set(items)
+        return ItemStats(popularity={i: self.popularity[i] for i in wanted if i in self.popularity},
+                         recency={i: self.recency[i] for i in wanted if i in self.recency})
+
 
 @dataclass(frozen=True)
 class UserContext:

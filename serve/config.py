@@ -90,8 +90,8 @@ class ServeConfig:
     user_vector_ttl_s: float = 60.0  # offline user vectors (profile, learned) are reused this long; 0: no cache
     learned_check_s: float = 5.0  # how often the retriever looks for newly trained learned vectors (serve/learned.py)
     artifacts_check_s: float = 30.0  # how often rules and the "latest" ranker are looked for anew (0: at start only)
-    # How often the retriever and reranker read the event history again when the event log changed (seen and
-    # bought items, latest items, affinities, popularity; 0: at start only). Below session_gap_s, an item of an
+    # How often the retriever reads the event history again when the event log changed (seen and bought items,
+    # latest items, affinities, popularity and recency; 0: at start only). Below session_gap_s, an item of an
     # ended session is never recommended again: it is in the live session until the history holds it.
     history_refresh_s: float = 300.0
     host: str = "127.0.0.1"  # HTTP bind address

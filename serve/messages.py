@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass, field
 
 from common.business_rules import Ranked
-from common.ranking import Candidate, UserContext
+from common.ranking import Candidate, ItemStats, UserContext
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Retrieval:
     context: UserContext = field(default_factory=UserContext)  # affinities and profile (ranking features)
     segment: str | None = None
     pinned_fields: dict[str, dict] = field(default_factory=dict)  # fields of pinned items (the filter places them)
+    stats: ItemStats | None = None  # the candidates' popularity and recency (ranking features; personal strategies)
 
 
 @dataclass

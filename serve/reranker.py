@@ -15,10 +15,8 @@ from ray import serve
 
 from common.artifacts import ArtifactStore, LatestArtifact
 from common.business_rules import Ranked
-from common.event_log import History
 from common.item_table import ItemTable, watch_snapshots
 from common.ranking import KIND, ItemStats, Ranker, feature_matrix, load_latest_ranker, mmr
-from common.refresher import Refresher
 from serve.config import ServeConfig
 from serve.messages import Ranking, Retrieval, load_in_replica
 
@@ -48,20 +46,9 @@ class Reranker:
                 load_latest_ranker(cfg.artifacts_uri, cfg.collection)  # raises NotFoundError naming the fix
         else:
             self._pinned = load_latest_ranker(cfg.artifacts_uri, cfg.collection, cfg.ranker)
-        # Popularity and recency features from the event history (the retriever's source too), read again in the
-        # background when the event log changed, at most every history_refresh_s.
-        self.history_source = History(cfg.events, cfg.event_log)
-        self.known = Refresher(self.history_source.signature, self._item_stats, cfg.history_refresh_s,
-                               "reranker item stats")
+        # Popularity and recency features come with each personal retrieval: the Retriever reads the event history
+        # (and again when the event log changed), so the two stages rank with one version of it.
         self.tables = watch_snapshots(cfg.artifacts_uri, cfg.collection, cfg.kind, cfg.artifacts_check_s)  # re-embeds
-
-    def _item_stats(self, _signature: object = None) -> ItemStats:
-        events = self.history_source.read()
-        return ItemStats.from_events(events) if events is not None else ItemStats({}, {})
-
-    @property
-    def stats(self) -> ItemStats:
-        return self.known.value
 
     @property
     def table(self) -> ItemTable:  # vectors and fields of the latest snapshot
@@ -102,7 +89,11 @@ class Reranker:
         if found.strategy in PERSONAL:
             ranker = self.ranker
             if ranker is not None:
-                scores = await self._predict((ranker, feature_matrix(cands, found.context, self.stats,
+                stats = found.stats
+                if stats is None:  # from a retriever that predates stats in the message (during a rolling update)
+                    log.warning("a personal retrieval came without item stats: popularity and recency count as 0")
+                    stats = ItemStats({}, {})
+                scores = await self._predict((ranker, feature_matrix(cands, found.context, stats,
                                                                      features=ranker.features)))
                 model = ranker.identity
             else:

@@ -351,7 +351,8 @@ class Retriever:
         log.debug("retrieved %d candidates for %s (%s) in %.1f ms", len(cands), user_id, strategy,
                   (time.perf_counter() - t0) * 1e3)
         return Retrieval(strategy, cands, seen=seen, context=self._context(user_id, session, profile),
-                         segment=segment, pinned_fields=pinned_f.result() if pinned_f is not None else {})
+                         segment=segment, pinned_fields=pinned_f.result() if pinned_f is not None else {},
+                         stats=self.stats.only(c.item_id for c in cands))
 
     def _context(self, user_id: str, session: Session | None, profile: np.ndarray | None) -> UserContext:
         """Category and brand affinity and price level over the user's positive history (and live session, whose
