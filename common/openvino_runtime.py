@@ -5,14 +5,17 @@ torch's best bf16 plan (compiled, BN folded, one conv kept in fp32), and the Min
 than torch for a one-query search (see README, "Encoder forward variants"). Conversion traces the module
 (OpenVINO's PyTorch frontend, seconds), where ``torch.compile`` took 7-20 s per process.
 
-The model is converted through OpenVINO's PyTorch frontend directly rather than ``openvino.convert_model``:
-the latter also sends usage telemetry to Intel unless the user opted out on their machine, and Vitrine must not
-phone home. Callers check the result against their torch fp32 forward and fall back to torch when it drifts or
-when conversion fails (see :class:`common.image_forward.ImageRunner` and :class:`common.encoder.ItemEncoder`).
+Vitrine does not phone home, and OpenVINO would: ``import openvino`` sends a usage event to Intel (Google
+Analytics) and counts imports in ``~/intel`` unless the user opted out, and ``openvino.convert_model`` sends more.
+So the package is imported with its telemetry module blocked (``_import_openvino``: OpenVINO then uses its own
+no-op stub), and models are converted through the PyTorch frontend directly. Callers check the result against
+their torch fp32 forward and fall back to torch when it drifts or when conversion fails (see
+:class:`common.image_forward.ImageRunner` and :class:`common.encoder.ItemEncoder`).
 """
 from __future__ import annotations
 
 import importlib.util
+import sys
 import threading
 import warnings
 from typing import Any
@@ -28,6 +31,17 @@ def available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def _import_openvino() -> Any:
+    """``openvino`` with its usage telemetry off for this process: with ``openvino_telemetry`` unimportable, its
+    model-conversion tools fall back to their own stub (``openvino.tools.ovc.telemetry_stub``), which sends and
+    writes nothing. A process that imported the telemetry package itself keeps it."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None in sys.modules: `import` raises ImportError
+    import openvino
+
+    return openvino
+
+
 class OpenVINOModel:
     """A torch module compiled by OpenVINO for the CPU; ``model(array)`` -> its outputs as numpy arrays.
 
@@ -39,7 +53,7 @@ class OpenVINOModel:
     def __init__(self, module: torch.nn.Module, example: torch.Tensor, precision: str = "f32", threads: int = 0):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}. Got {precision!r}")
-        import openvino as ov
+        ov = _import_openvino()
         from openvino.frontend import FrontEndManager
         from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
 

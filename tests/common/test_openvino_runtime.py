@@ -1,6 +1,9 @@
 """OpenVINO as the encoder's CPU runtime: the real conversion against torch fp32, and its loud fallbacks."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +153,16 @@ def test_a_clip_architecture_runs_both_runtimes_alike():
     assert _cos(got["image"], expected["image"]).min() > 0.9999
     assert _cos(default.encode_texts(texts), reference.encode_texts(texts)).min() > 0.999
     assert default.text_plan.startswith("openvino")
+
+
+def test_openvino_sends_no_telemetry(tmp_path):
+    """``import openvino`` would send a usage event to Intel and count imports under ~/intel: not from Vitrine."""
+    code = ("import sys, torch\n"
+            "from common.openvino_runtime import OpenVINOModel\n"
+            "OpenVINOModel(torch.nn.Linear(4, 2), torch.zeros(1, 4))\n"
+            "print(sys.modules['openvino.tools.ovc.telemetry_utils'].tm.__name__)\n")
+    env = {**os.environ, "HOME": str(tmp_path), "CI": "false"}  # CI=true would switch OpenVINO's telemetry off
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split()[-1] == "openvino.tools.ovc.telemetry_stub"
+    assert not (tmp_path / "intel").exists()  # nothing counted or identified in the user's home
