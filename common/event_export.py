@@ -14,14 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from common.artifacts import write_atomic
 from common.errors import ConfigError
 from common.event_log import EventLog, is_event_log, parse_since
-from common.events import EVENT_ID, EVENTS_SCHEMA, load_events
+from common.events import EVENT_ID, EVENTS_SCHEMA, load_events, rows_as_text
 from common.synthetic_events import write_events
 
 log = logging.getLogger(__name__)
@@ -42,10 +41,6 @@ class ExportResult:
         q = f", {self.quarantined} quarantined to {self.quarantine}" if self.quarantined else ", none quarantined"
         return (f"exported {self.events} events ({self.from_files} from files, {self.from_log} from the event log)"
                 f"{q} -> {self.out}")
-
-
-def _text(v: object) -> str | None:
-    return None if pd.api.types.is_scalar(v) and pd.isna(v) else str(v)
 
 
 def quarantine_path(out: str) -> str:
@@ -88,11 +83,8 @@ def export_events(out: str, log_uri: str | None = None, files: Sequence[str] = (
     qpath = None
     if quarantined:  # as text (a stable schema whatever the files held), with the reason and the source file
         qpath = quarantine_path(out)
-        rows = pd.concat(quarantined, ignore_index=True)
-        table = pa.table({c: pa.array([_text(v) for v in rows[c]], pa.string())
-                          for c in rows.columns})
         buf = io.BytesIO()
-        pq.write_table(table, buf)
+        pq.write_table(rows_as_text(pd.concat(quarantined, ignore_index=True)), buf)
         fs, path = url_to_fs(qpath)
         write_atomic(fs, path, buf.getvalue())
     result = ExportResult(out=out, events=len(merged), from_files=n_files, from_log=len(merged) - n_files,

@@ -53,8 +53,8 @@ from fsspec.implementations.local import LocalFileSystem
 from common.artifacts import write_atomic
 from common.catalog import ids_as_str
 from common.errors import ConfigError, SchemaError
-from common.events import (EVENT_ID, EVENTS_SCHEMA, RECORDS_MAX, REQUIRED_COLUMNS, load_events, validate_events,
-                           validate_records)
+from common.events import (EVENT_ID, EVENTS_SCHEMA, RECORDS_MAX, REQUIRED_COLUMNS, is_missing, load_events,
+                           rows_as_text, validate_events, validate_records)
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,11 @@ class EventLog:
         """Every accepted event (LOG_SCHEMA columns: EVENTS_SCHEMA's and ``event_id``) with ``ts >= since`` (ISO
         time, UTC when naive), in time order (ties keep append order), each ``(user_id, event_id)`` once (the first
         appended); an empty frame with those columns when there is none."""
+        return self._frame([t for _, t in self._live_parts()], since)
+
+    def _frame(self, tables: list[pa.Table], since: str | None = None) -> pd.DataFrame:
+        """``read``'s answer from the live parts' tables."""
         start = parse_since(since)
-        tables = [t for _, t in self._live_parts()]
         if not tables:
             return LOG_SCHEMA.empty_table().to_pandas()
         frame = pa.concat_tables(tables).to_pandas()
@@ -191,11 +194,13 @@ class EventLog:
     def stats(self) -> dict[str, Any]:
         """What the log holds: events (each ``event_id`` once), users, items, the time span, events per day
         received, event types, how many carry an ``event_id``, and quarantined rows by reason."""
-        frame = self.read()
-        fs, base = url_to_fs(self.uri)
+        parts = self._live_parts()  # one listing and read serves both the events and the parts per day
+        frame = self._frame([t for _, t in parts])
         days: dict[str, int] = {}
-        for day in _days(fs, base):
-            days[day] = sum(len(t) for _, t in self._live_parts(day, columns=["user_id"]))
+        for path, table in parts:
+            day = path.rsplit("date=", 1)[1].split("/", 1)[0]
+            days[day] = days.get(day, 0) + len(table)
+        fs, base = url_to_fs(self.uri)
         reasons: dict[str, int] = {}
         for path in sorted(fs.glob(f"{base}/{QUARANTINE}/date=*/part-*.parquet")):
             with fs.open(path, "rb") as f:
@@ -347,7 +352,7 @@ def _duplicates(events: pd.DataFrame | list[dict], seen: Collection[Key]) -> lis
 
 def _key(user: object, event_id: object) -> Key | None:
     """``(user_id, event_id)`` as the log stores them (ids as text), or None when either is missing or blank."""
-    if _missing(user) or _missing(event_id):
+    if is_missing(user) or is_missing(event_id):
         return None
     user, event_id = _text(user), _text(event_id)
     return (user, event_id) if user.strip() and event_id.strip() else None
@@ -395,15 +400,9 @@ def _prepared(frame: pd.DataFrame, now: datetime) -> pa.Table:
 
 def _quarantine_table(rows: pd.DataFrame) -> pa.Table:
     """Rejected rows as text (a stable schema whatever the client sent), their batch position and reason."""
-    columns = {c: pa.array([None if _missing(v) else str(v) for v in rows[c]], pa.string())
-               for c in rows.columns if c not in (_ROW, "reason")}
-    columns["batch_index"] = pa.array(rows[_ROW].to_numpy(np.int64))
-    columns["reason"] = pa.array(rows["reason"].astype(str).tolist(), pa.string())
-    return pa.table(columns)
-
-
-def _missing(v: object) -> bool:
-    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and v != v)
+    table = rows_as_text(rows.drop(columns=[_ROW, "reason"]))
+    table = table.append_column("batch_index", pa.array(rows[_ROW].to_numpy(np.int64)))
+    return table.append_column("reason", pa.array(rows["reason"].astype(str).tolist(), pa.string()))
 
 
 def _conformed(table: pa.Table, path: str, columns: Sequence[str] | None = None) -> pa.Table:

@@ -257,6 +257,18 @@ def _iso_time(value: Any, default: datetime | None) -> pd.Timestamp | None:
     return pd.Timestamp(t if t.tzinfo else t.replace(tzinfo=timezone.utc)).tz_convert("UTC")
 
 
+def rows_as_text(rows: pd.DataFrame) -> pa.Table:
+    """Rows as text columns (None where a value is missing): the stable schema a quarantine file keeps whatever
+    types the rejected rows held (a bad row's column may mix numbers, strings and times)."""
+    return pa.table({c: pa.array([None if is_missing(v) else str(v) for v in rows[c]], pa.string())
+                     for c in rows.columns})
+
+
+def is_missing(v: object) -> bool:
+    """None, pandas' NA or NaT, or a float NaN."""
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and v != v)
+
+
 def load_events(uri: str, known_items: set[str] | None = None) -> EventsValidation:
     """Read an events file (Parquet, CSV or JSON Lines; local path or URI), or the event log the service appends to
     (a folder of ``date=*/part-*.parquet``, each ``event_id`` once: ``common.event_log``), and validate it."""

@@ -72,7 +72,7 @@ class Refresher(Generic[V, T]):
                 self.refresh()
             except Exception as e:  # noqa: BLE001 - the source unreadable for a moment (object store hiccup)
                 self.failures += 1
-                log.warning("%s: could not look for a change (%s)", self.name, e)
+                log.warning("%s: could not look for a change (%s)", self.name, first_line(e))
 
 
 def _short(version: object) -> str:

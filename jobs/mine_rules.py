@@ -22,7 +22,7 @@ from common.artifacts import ArtifactStore
 from common.catalog import ids_as_str, read_table
 from common.config import default_artifacts_uri, default_events, from_mapping, values_from_args
 from common.errors import ConfigError, SchemaError
-from common.events import load_events
+from common.events import load_events, rows_as_text
 from common.rules import (
     BoughtTogether,
     RulesConfig,
@@ -103,8 +103,7 @@ def _write_quarantine(rows: pd.DataFrame, uri: str) -> None:
     """Raw values as text (a bad row's columns may hold mixed types) plus the reason."""
     fs, path = url_to_fs(uri)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    table = pa.table({c: pa.array(rows[c].astype("string").tolist(), pa.string()) for c in rows.columns})
-    pq.write_table(table, path, filesystem=fs)
+    pq.write_table(rows_as_text(rows), path, filesystem=fs)
 
 
 def run(cfg: MineRulesConfig) -> MineRulesResult:
